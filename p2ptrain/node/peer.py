@@ -1,0 +1,323 @@
+"""The peer service: registers with the bootstrap, heartbeats, and serves pipeline stages.
+
+A peer runs no code of the submitter: a stage arrives as serialised jax.export programs plus
+arrays (`load_stage`), is checked against the allow-list by `StageRunner.load`, and then
+consumes forward/backward/target messages. Activations go straight to the next stage's
+peer and gradients straight to the previous one; the driver only feeds stage 0, sends
+targets to the last stage and collects losses and acknowledgements.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import trio
+
+from ..compute import ProgramRejected, StageBundle, StageRunner, ProgramLimits
+from ..core.schedule import ScheduleError, StageInbox, Task
+from ..transport.base import Connection, Transport, TransportError
+from ..wire.codec import Frame
+from ..wire.messages import ProtocolError, message
+from .link import Link, LinkClosed
+from .session import next_message, request
+
+log = logging.getLogger("p2ptrain.peer")
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    bootstrap: str
+    listen: str = "127.0.0.1:0"
+    memory_bytes: int = 2 * 2**30
+    flops_per_s: float = 1e9
+    threads: int = 1
+    heartbeat_interval_s: float = 1.0
+    leave_timeout_s: float = 2.0
+    bandwidth_probe_bytes: int = 2**20
+    # Compute runs in a worker thread so that heartbeats and links keep flowing during a long
+    # XLA call. Under MockClock (tests, simulation) it must run inline instead: a thread lets
+    # virtual time jump ahead while the computation is still running.
+    compute_in_thread: bool = True
+    max_inbox_items: int = 256
+    limits: ProgramLimits = field(default_factory=ProgramLimits)
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    peer_id: str
+    address: str
+
+
+class _Neighbour:
+    """A pipeline neighbour: its id, its address, and the link we use to reach it."""
+
+    def __init__(self, peer_id: str, address: str):
+        self.peer_id, self.address = peer_id, address
+
+
+@dataclass
+class _StageJob:
+    job_id: str
+    stage: int
+    runner: StageRunner
+    inbox: StageInbox
+    driver_id: str
+    prev: _Neighbour | None
+    next: _Neighbour | None
+    wakeup: trio.Event = field(default_factory=trio.Event)
+    backwards_done: int = 0
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+class Peer:
+    """One peer's state. Use `serve_peer`; this class holds what its tasks share."""
+
+    def __init__(self, transport: Transport, config: PeerConfig, nursery: trio.Nursery):
+        self.transport = transport
+        self.config = config
+        self.nursery = nursery
+        self.links: dict[str, Link] = {}
+        self._connecting: dict[str, trio.Lock] = {}
+        self.jobs: dict[str, _StageJob] = {}
+        self.compute_limiter = trio.CapacityLimiter(1)
+
+    # -- links ---------------------------------------------------------------------------
+
+    async def handle_connection(self, connection: Connection) -> None:
+        """Serve one accepted connection until it ends."""
+        await self._receive_loop(Link(connection))
+
+    async def link_to(self, peer_id: str, address: str) -> Link:
+        """The link to `peer_id`, opened (with its id pinned) if there is none yet."""
+        lock = self._connecting.setdefault(peer_id, trio.Lock())
+        async with lock:
+            link = self.links.get(peer_id)
+            if link is None:
+                link = Link(await self.transport.connect(address, expected_peer_id=peer_id))
+                self.links[peer_id] = link
+                self.nursery.start_soon(self._receive_loop, link)
+            return link
+
+    async def _receive_loop(self, link: Link) -> None:
+        peer_id = link.remote_peer_id
+        self.links.setdefault(peer_id, link)
+        try:
+            while (msg := await next_message(link)) is not None:
+                try:
+                    await self.dispatch(link, msg)
+                except (ProtocolError, ScheduleError) as exc:
+                    log.warning("closing link to %s: %s", peer_id[:12], exc)
+                    break
+        finally:
+            if self.links.get(peer_id) is link:
+                del self.links[peer_id]
+            with trio.CancelScope(shield=True):
+                await link.aclose()
+            for job in list(self.jobs.values()):
+                if job.driver_id == peer_id:
+                    self.drop_job(job.job_id, "the driver disconnected")
+
+    # -- messages ------------------------------------------------------------------------
+
+    async def dispatch(self, link: Link, msg: Frame) -> None:
+        kind, f = msg.kind, msg.fields
+        if kind == "load_stage":
+            await self.load_stage(link, msg)
+            return
+        job = self.jobs.get(f.get("job_id", ""))
+        if job is None:
+            raise ProtocolError(f"{kind} for unknown job {f.get('job_id')!r}")
+        if kind == "forward":
+            self._expect_sender(job, link, job.driver_id if job.stage == 0 else job.prev and job.prev.peer_id)
+            job.inbox.add_forward(f["step"], f["mb"], self._checked(msg, job.runner.in_shape, "forward"))
+        elif kind == "target":
+            self._expect_sender(job, link, job.driver_id)
+            job.inbox.add_target(f["step"], f["mb"], msg.arrays[0])
+        elif kind == "backward":
+            self._expect_sender(job, link, job.next and job.next.peer_id)
+            job.inbox.add_backward(f["step"], f["mb"], self._checked(msg, job.runner.out_shape, "backward"))
+        elif kind == "fetch_params":
+            self._expect_sender(job, link, job.driver_id)
+            leaves = await self._compute(job.runner.params_leaves)
+            await link.send(message("params", leaves, job_id=job.job_id, stage=job.stage))
+        elif kind == "end_job":
+            self._expect_sender(job, link, job.driver_id)
+            self.drop_job(job.job_id, "finished")
+            return
+        else:
+            raise ProtocolError(f"a peer does not serve {kind!r}")
+        job.wakeup.set()
+
+    @staticmethod
+    def _expect_sender(job: _StageJob, link: Link, expected: str | None) -> None:
+        if link.remote_peer_id != expected:
+            raise ProtocolError(f"job {job.job_id}: unexpected sender {link.remote_peer_id[:12]}")
+
+    @staticmethod
+    def _checked(msg: Frame, shape: tuple, what: str) -> np.ndarray:
+        array = msg.arrays[0]
+        if tuple(array.shape) != tuple(shape) or array.dtype != np.float32:
+            raise ProtocolError(f"{what}: array {array.dtype}{list(array.shape)}, expected float32{list(shape)}")
+        return array
+
+    async def load_stage(self, link: Link, msg: Frame) -> None:
+        f = msg.fields
+        job_id = f["job_id"]
+        if self.jobs:
+            await link.send(message("job_error", job_id=job_id, reason="this peer already serves a stage"))
+            return
+        try:
+            bundle = StageBundle.from_wire(f["bundle"])
+            runner = await self._compute(
+                lambda: StageRunner.load(bundle, list(msg.arrays), limits=self.config.limits))
+            prev, nxt = (_Neighbour(*n) if n is not None else None for n in (f["prev"], f["next"]))
+        except Exception as exc:  # noqa: BLE001 - hostile or broken programs are rejected, never fatal
+            log.warning("rejected stage %d of job %s: %s", f["stage"], job_id, exc)
+            await link.send(message("job_error", job_id=job_id, reason=f"stage rejected: {exc}"))
+            return
+        inbox = StageInbox(bundle.microbatches, bundle.is_last, capacity=self.config.max_inbox_items)
+        job = _StageJob(job_id, f["stage"], runner, inbox, link.remote_peer_id, prev, nxt)
+        self.jobs[job_id] = job
+        self.nursery.start_soon(self._run_job, job)
+        log.info("serving stage %d of job %s", job.stage, job_id)
+        await link.send(message("stage_ready", job_id=job_id, stage=job.stage))
+
+    def drop_job(self, job_id: str, why: str) -> None:
+        job = self.jobs.pop(job_id, None)
+        if job is not None:
+            log.info("job %s ended: %s", job_id, why)
+            job.cancel_scope.cancel()
+
+    # -- compute -------------------------------------------------------------------------
+
+    async def _compute(self, fn):
+        if self.config.compute_in_thread:
+            return await trio.to_thread.run_sync(fn, limiter=self.compute_limiter)
+        return fn()
+
+    async def _run_job(self, job: _StageJob) -> None:
+        with job.cancel_scope:
+            try:
+                while True:
+                    task = job.inbox.next_task()
+                    if task is None:
+                        job.wakeup = trio.Event()
+                        await job.wakeup.wait()
+                        continue
+                    await self._run_task(job, task)
+            except (LinkClosed, TransportError) as exc:
+                # A neighbour vanished: the driver notices the stall and the lost peer; this
+                # peer stays healthy and drops the job (re-sharding is the driver's call).
+                log.warning("job %s: neighbour unreachable (%s)", job.job_id, exc)
+                self.drop_job(job.job_id, "a neighbour is unreachable")
+            except Exception as exc:  # noqa: BLE001 - a bad job must never take the peer down
+                log.exception("job %s failed", job.job_id)
+                link = self.links.get(job.driver_id)
+                if link is not None:
+                    with trio.move_on_after(self.config.leave_timeout_s):
+                        try:
+                            await link.send(message("job_error", job_id=job.job_id,
+                                                    reason=f"stage {job.stage}: {type(exc).__name__}: {exc}"))
+                        except LinkClosed:
+                            pass
+                self.drop_job(job.job_id, f"failed: {exc}")
+
+    async def _run_task(self, job: _StageJob, task: Task) -> None:
+        ids = dict(job_id=job.job_id, step=task.step, mb=task.mb)
+        runner = job.runner
+        if task.kind == "forward":
+            y = await self._compute(lambda: runner.forward(task.mb, task.x))
+            await (await self._neighbour(job.next)).send(message("forward", [y], **ids))
+            return
+        if task.kind == "last":
+            loss, grad_in = await self._compute(lambda: runner.last(task.mb, task.x, task.y))
+            await (await self.link_to_driver(job)).send(message("loss", value=float(loss), **ids))
+        else:
+            grad_in = await self._compute(lambda: runner.backward(task.mb, task.grad))
+        if job.prev is not None:
+            await (await self._neighbour(job.prev)).send(message("backward", [grad_in], **ids))
+        else:
+            await (await self.link_to_driver(job)).send(message("backward_done", **ids))
+        job.backwards_done += 1
+        if job.backwards_done == job.inbox.microbatches:
+            await self._compute(runner.apply_update)
+            job.backwards_done = 0
+            job.inbox.next_step()
+            await (await self.link_to_driver(job)).send(
+                message("step_done", job_id=job.job_id, step=task.step))
+
+    async def _neighbour(self, neighbour: _Neighbour) -> Link:
+        return await self.link_to(neighbour.peer_id, neighbour.address)
+
+    async def link_to_driver(self, job: _StageJob) -> Link:
+        link = self.links.get(job.driver_id)
+        if link is None:
+            raise LinkClosed("the driver's link is gone")
+        return link
+
+
+async def serve_peer(
+    transport: Transport,
+    config: PeerConfig,
+    *,
+    task_status: trio.TaskStatus[PeerInfo] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a peer until cancelled: listen, register with the bootstrap, heartbeat, serve
+    stages. `task_status.started(PeerInfo)` once registered. On cancellation the leave is
+    announced to the bootstrap (bounded by `leave_timeout_s`) before returning.
+
+    Raises TransportError if the bootstrap cannot be reached, ProtocolError if it refuses
+    the registration.
+    """
+    async with trio.open_nursery() as nursery:
+        peer = Peer(transport, config, nursery)
+        address = await nursery.start(transport.serve, config.listen, peer.handle_connection)
+        bootstrap = Link(await transport.connect(config.bootstrap))
+        try:
+            bandwidth = await _measure_upload(bootstrap, config.bandwidth_probe_bytes)
+            await request(bootstrap, message(
+                "register", address=address, memory_bytes=config.memory_bytes,
+                flops_per_s=float(config.flops_per_s), bandwidth_bytes_per_s=bandwidth,
+                threads=config.threads), "registered")
+            task_status.started(PeerInfo(transport.peer_id, address))
+            log.info("peer %s registered (upload %.1f MB/s)", transport.peer_id[:12], bandwidth / 1e6)
+            await _heartbeat(bootstrap, config.heartbeat_interval_s)
+            await trio.sleep_forever()   # the bootstrap is gone; keep serving current jobs
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(config.leave_timeout_s):
+                try:
+                    await bootstrap.send(message("leave"))
+                except LinkClosed:
+                    pass
+                await bootstrap.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def _measure_upload(bootstrap: Link, probe_bytes: int) -> float:
+    """Upload bandwidth to the bootstrap in bytes/s, from one timed probe round trip."""
+    probe = np.zeros(probe_bytes, dtype=np.uint8)
+    start = trio.current_time()
+    await request(bootstrap, message("bandwidth_probe", [probe]), "bandwidth_ack")
+    # Under a virtual clock the probe takes no time: floor it at a microsecond.
+    elapsed_s = max(trio.current_time() - start, 1e-6)
+    return probe_bytes / elapsed_s
+
+
+async def _heartbeat(bootstrap: Link, interval_s: float) -> None:
+    """Heartbeat until the bootstrap link breaks (then return: the peer keeps serving
+    its current jobs, it just cannot be found by new drivers)."""
+    async with trio.open_nursery() as nursery:
+        async def drain():   # notice a closed link promptly; the bootstrap sends nothing here
+            while await next_message(bootstrap) is not None:
+                pass
+            nursery.cancel_scope.cancel()
+        nursery.start_soon(drain)
+        try:
+            while True:
+                await bootstrap.send(message("heartbeat"))
+                await trio.sleep(interval_s)
+        except LinkClosed:
+            log.warning("lost the bootstrap; still serving current jobs")
+            nursery.cancel_scope.cancel()
