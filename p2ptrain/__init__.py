@@ -1,9 +1,26 @@
-"""p2ptrain: train neural networks on volunteered, heterogeneous, unreliable machines."""
+"""p2ptrain: train neural networks on volunteered, heterogeneous, unreliable machines.
 
-from . import losses
-from .api import train, train_async
-from .compute import Sequential
-from .node.driver import TrainingError, TrainResult
-from .planner import Infeasible
+Public names load lazily (PEP 562): `p2ptrain join --threads N` must limit XLA's threads
+before jax is first imported, and the pure core must import without jax at all.
+"""
 
-__all__ = ["Sequential", "train", "train_async", "losses", "TrainResult", "TrainingError", "Infeasible"]
+from importlib import import_module
+
+_PUBLIC = {
+    "Sequential": "p2ptrain.compute",
+    "train": "p2ptrain.api",
+    "train_async": "p2ptrain.api",
+    "TrainResult": "p2ptrain.node.driver",
+    "TrainingError": "p2ptrain.node.driver",
+    "Infeasible": "p2ptrain.planner",
+}
+
+__all__ = ["losses", *_PUBLIC]
+
+
+def __getattr__(name: str):
+    if name == "losses":
+        return import_module("p2ptrain.losses")
+    if name in _PUBLIC:
+        return getattr(import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'p2ptrain' has no attribute {name!r}")
