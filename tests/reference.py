@@ -1,0 +1,30 @@
+"""Single-process JAX + optax training with p2ptrain's semantics (DESIGN.md section 3),
+written independently of the package: the yardstick for exactness tests."""
+
+import jax
+import numpy as np
+import optax
+
+
+def reference_train(model, batches, loss, optimizer, *, steps, microbatches, params):
+    def microbatch_loss(params, x, y):
+        return loss(model.apply(params, x), y)
+
+    value_and_grad = jax.jit(jax.value_and_grad(microbatch_loss))
+    opt_state = optimizer.init(params)
+    losses = []
+    for step in range(steps):
+        x, y = batches(step)
+        pieces = zip(np.split(np.asarray(x, np.float32), microbatches), np.split(np.asarray(y), microbatches))
+        values, grads = zip(*(value_and_grad(params, xi, yi) for xi, yi in pieces))
+        mean_grads = jax.tree_util.tree_map(lambda *g: sum(g) / microbatches, *grads)
+        updates, opt_state = optimizer.update(mean_grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        losses.append(float(np.mean(values)))
+    return params, losses
+
+
+def max_abs_difference(a, b) -> float:
+    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(leaves_a, leaves_b))

@@ -1,0 +1,111 @@
+"""End to end: real `p2ptrain` processes on loopback, mutual TLS, the real CLI."""
+
+import json
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import pytest
+
+import p2ptrain
+from p2ptrain.demo import batch_stream, digits_split
+from p2ptrain.swarm import LocalSwarm
+from reference import max_abs_difference, reference_train
+
+# Caps small enough that no peer holds the whole model: the planner must pipeline it.
+PEER_MEMORY = ("24KB", "24KB", "24KB")
+
+
+def mlp():
+    return p2ptrain.Sequential([nn.Dense(32), jax.nn.relu, nn.Dense(32), jax.nn.relu, nn.Dense(10)])
+
+
+@pytest.fixture(scope="module")
+def swarm():
+    with LocalSwarm() as swarm:
+        for memory in PEER_MEMORY:
+            swarm.join(memory=memory, threads=1)
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def digits():
+    (x, y), _ = digits_split()
+    return batch_stream(x, y, batch_size=32)
+
+
+def cli(*args, timeout_s=60):
+    return subprocess.run([sys.executable, "-m", "p2ptrain", *args], capture_output=True, text=True,
+                          timeout=timeout_s, stdin=subprocess.DEVNULL)
+
+
+def test_pipelined_training_equals_single_process_jax(swarm, digits):
+    model = mlp()
+    x0, _ = digits(0)
+    params = model.init(jax.random.PRNGKey(0), x0[:8])
+    optimizer = optax.sgd(0.1, momentum=0.9)
+    result = p2ptrain.train(model, digits, loss=p2ptrain.losses.softmax_cross_entropy, optimizer=optimizer,
+                            steps=20, microbatches=4, params=params, bootstrap=swarm.address, progress=False)
+    expected_params, expected_losses = reference_train(
+        model, digits, p2ptrain.losses.softmax_cross_entropy, optimizer, steps=20, microbatches=4, params=params)
+    assert len(result.stages) == 3, "the model should be pipelined over all three peers"
+    assert len({s.peer_id for s in result.stages}) == 3
+    assert max_abs_difference(result.params, expected_params) <= 1e-5
+    np.testing.assert_allclose(result.losses, expected_losses, atol=1e-5, rtol=0)
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_model_too_big_for_the_swarm_is_a_clear_error(swarm, digits):
+    model = p2ptrain.Sequential([nn.Dense(4096), jax.nn.relu, nn.Dense(10)])
+    with pytest.raises(p2ptrain.Infeasible, match="peer"):
+        p2ptrain.train(model, digits, loss=p2ptrain.losses.softmax_cross_entropy, optimizer=optax.sgd(0.1),
+                       steps=2, microbatches=4, bootstrap=swarm.address, progress=False)
+
+
+def test_status_json_lists_the_live_peers(swarm):
+    done = cli("status", "--bootstrap", swarm.address, "--json")
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    peers = {p["peer_id"]: p for p in status["peers"]}
+    for node in swarm.peers:
+        peer = peers[node.peer_id]
+        assert peer["state"] == "alive" and peer["address"] == node.address
+        assert peer["memory_bytes"] == 24_000
+        assert peer["flops_per_s"] > 1e6 and peer["bandwidth_bytes_per_s"] > 1e5
+    assert isinstance(status["jobs"], list)
+
+
+def test_threads_cap_pins_the_peer_process(swarm):
+    pid = swarm.peers[0].process.pid
+    with open(f"/proc/{pid}/status") as f:
+        allowed = next(line for line in f if line.startswith("Cpus_allowed_list")).split()[1]
+    assert "," not in allowed and "-" not in allowed, f"--threads 1 but allowed CPUs are {allowed}"
+
+
+def test_sigterm_announces_the_leave_and_exits_zero():
+    with LocalSwarm() as swarm:
+        node = swarm.join(threads=1)
+        node.process.terminate()
+        assert node.process.wait(timeout=20) == 0
+        status = json.loads(cli("status", "--bootstrap", swarm.address, "--json").stdout)
+        assert [p["state"] for p in status["peers"] if p["peer_id"] == node.peer_id] == ["left"]
+        assert swarm.stop() == [0, 0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["join", "--bootstrap", "127.0.0.1:1"], "cannot reach 127.0.0.1:1"),
+    (["status", "--bootstrap", "127.0.0.1:1"], "cannot reach 127.0.0.1:1"),
+    (["join"], "--bootstrap"),
+    (["join", "--bootstrap", "nohost"], "HOST:PORT"),
+    (["join", "--bootstrap", "127.0.0.1:1", "--memory", "lots"], "size"),
+    (["join", "--bootstrap", "127.0.0.1:1", "--threads", "0"], "positive"),
+])
+def test_bad_input_is_one_clear_line(args, message):
+    done = cli(*args)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
