@@ -53,25 +53,32 @@ class Layout:
         return bool(np.all(self.eligible[self.stage_of[used], np.flatnonzero(used)]))
 
 
-def greedy_layout(problem: Problem, bounds: Sequence[int], allowed: np.ndarray | None = None) -> Layout | None:
+def greedy_layout(
+    problem: Problem, bounds: Sequence[int], initial: np.ndarray | None = None, allowed: np.ndarray | None = None
+) -> Layout | None:
     """Place peers fastest first on the slowest eligible stage they improve.
 
-    `allowed` (bool per peer) restricts which peers may be used. Returns None if some stage
-    ends up without a replica.
+    `initial` (peer -> stage, -1 free) fixes some placements first; `allowed` (bool per peer)
+    restricts which free peers may be used. Returns None if some stage ends up without a
+    replica.
     """
-    lay = Layout(problem, bounds)
+    lay = Layout(problem, bounds, initial)
     S = lay.num_stages
     rate_sum = np.zeros(S)
     count = np.zeros(S, dtype=int)
     min_bw = np.full(S, np.inf)
-    times = np.full(S, np.inf)
+    for s, g in enumerate(lay.groups()):
+        rate_sum[s] = lay.rates[s, g].sum()
+        count[s] = len(g)
+        min_bw[s] = problem.bw[g].min() if len(g) else np.inf
+    times = np.array([problem.stage_time(rate_sum[s], count[s], min_bw[s], lay.param_bytes[s]) for s in range(S)])
     # Speed on the model as a whole: decides who is placed first.
     whole = problem.span_rates(0, problem.num_layers)
     order = sorted(range(problem.num_peers), key=lambda i: (-whole[i], -problem.bw[i], problem.peer_ids[i]))
     # Tie-break among equally slow stages: most memory needed first (fewest peers fit it).
     stage_rank = np.argsort(np.argsort(-lay.need_bytes, kind="stable"), kind="stable")
     for i in order:
-        if allowed is not None and not allowed[i]:
+        if lay.stage_of[i] >= 0 or (allowed is not None and not allowed[i]):
             continue
         cand = np.flatnonzero(lay.eligible[:, i])
         if len(cand) == 0:
@@ -94,4 +101,54 @@ def greedy_layout(problem: Problem, bounds: Sequence[int], allowed: np.ndarray |
         times[s] = new_t[pick]
     if np.any(count == 0):
         return None
+    return lay
+
+
+def bottleneck_layout(problem: Problem, bounds: Sequence[int], initial: np.ndarray | None = None) -> Layout | None:
+    """Stage-driven greedy: the slowest stage takes the free peer that speeds it up most.
+
+    Unlike `greedy_layout` the choice is made per stage, so a stage with heavy boundary
+    traffic picks fast links and a compute-heavy one picks fast processors. Empty stages are
+    filled first, most memory-hungry first (every peer that fits it fits the others, so this
+    order never strands a stage while the peers could cover all of them). Stops when the
+    slowest stage cannot be improved. Returns None if some stage cannot get a replica.
+    """
+    lay = Layout(problem, bounds, initial)
+    S = lay.num_stages
+    rate_sum = np.zeros(S)
+    count = np.zeros(S, dtype=int)
+    min_bw = np.full(S, np.inf)
+    for s, g in enumerate(lay.groups()):
+        rate_sum[s] = lay.rates[s, g].sum()
+        count[s] = len(g)
+        min_bw[s] = problem.bw[g].min() if len(g) else np.inf
+    times = np.array([problem.stage_time(rate_sum[s], count[s], min_bw[s], lay.param_bytes[s]) for s in range(S)])
+    free = lay.stage_of < 0
+    # Empty stages first, most memory first.
+    for s in sorted(np.flatnonzero(count == 0), key=lambda s: (-lay.need_bytes[s], s)):
+        cand = np.flatnonzero(free & lay.eligible[s])
+        if len(cand) == 0:
+            return None
+        i = int(cand[np.argmax(lay.rates[s, cand])])
+        lay.stage_of[i], free[i] = s, False
+        rate_sum[s], count[s], min_bw[s] = lay.rates[s, i], 1, problem.bw[i]
+        times[s] = problem.stage_time(rate_sum[s], 1, min_bw[s], lay.param_bytes[s])
+    while free.any():
+        s = int(np.argmax(times))
+        cand = np.flatnonzero(free & lay.eligible[s])
+        if len(cand) == 0:
+            break
+        k = count[s] + 1
+        new_t = problem.batch_size / (rate_sum[s] + lay.rates[s, cand]) + 2.0 * (k - 1) / k * lay.param_bytes[s] / np.minimum(
+            min_bw[s], problem.bw[cand]
+        )
+        j = int(np.argmin(new_t))
+        if not new_t[j] < times[s]:
+            break
+        i = int(cand[j])
+        lay.stage_of[i], free[i] = s, False
+        rate_sum[s] += lay.rates[s, i]
+        count[s] = k
+        min_bw[s] = min(min_bw[s], problem.bw[i])
+        times[s] = new_t[j]
     return lay

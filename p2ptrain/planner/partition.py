@@ -54,12 +54,24 @@ def balanced_bounds(problem: Problem, num_stages: int, caps_bytes: Sequence[floa
 
 
 def group_time_matrix(problem: Problem, members: np.ndarray, stage_index: int, num_stages: int) -> np.ndarray:
-    """Stage time over all spans (a, b) if exactly the peers `members` serve position s.
+    """Stage time over all spans (a, b) if exactly the peers `members` serve position s;
+    +inf where the span does not fit the group's smallest memory."""
+    mem = problem.memory_matrix(stage_index, num_stages)
+    ok = mem <= problem.mem[members].min()
+    return np.where(ok, _group_time_no_memory(problem, members), np.inf)
+
+
+def _group_time_no_memory(problem: Problem, members: np.ndarray) -> np.ndarray:
+    """Stage time over all spans for the group `members`, memory ignored. Cached per group.
 
     Sum of rates uses the split into compute-bound and link-bound replicas: a replica is
     compute-bound on a span iff flops_per_s / bandwidth <= span_flops / span_traffic, so with
     the replicas sorted by that ratio the rate sum is two prefix sums: O(L^2 log k).
     """
+    key = tuple(sorted(int(i) for i in members))
+    hit = problem._group_cache.get(key)
+    if hit is not None:
+        return hit
     fps = problem.fps[members]
     bw = problem.bw[members]
     k = len(members)
@@ -76,9 +88,10 @@ def group_time_matrix(problem: Problem, members: np.ndarray, stage_index: int, n
         rate = rate + np.where(T > 0, (cum_bw[k] - cum_bw[idx]) / T, np.where(idx < k, np.inf, 0.0))
         time = problem.batch_size / rate
     sync = ring_factor(k) * problem.span_params / bw.min()
-    mem = problem.memory_matrix(stage_index, num_stages)
-    ok = problem.valid & (mem <= problem.mem[members].min())
-    return np.where(ok, time + sync, np.inf)
+    out = np.where(problem.valid, time + sync, np.inf)
+    if len(problem._group_cache) < 200_000:
+        problem._group_cache[key] = out
+    return out
 
 
 def bounds_for_groups(problem: Problem, groups: Sequence[np.ndarray]) -> list[int] | None:

@@ -6,9 +6,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .assign import Layout, greedy_layout
+from .assign import Layout, bottleneck_layout, greedy_layout
 from .costs import LayerCost, PeerSpec
-from .partition import balanced_bounds
+from .feasibility import exact_applies, exact_seed
+from .local_search import improve
+from .partition import balanced_bounds, bounds_for_groups
 from .plans import Infeasible, Plan, Stage
 from .tables import Problem
 
@@ -64,6 +66,103 @@ def infeasible_reason(problem: Problem) -> str:
     )
 
 
+_SWAP_GROUPS_MAX_STAGES = 8
+
+
+def _recut(problem: Problem, groups: list[np.ndarray]) -> Layout | None:
+    bounds = bounds_for_groups(problem, groups)
+    if bounds is None:
+        return None
+    stage_of = np.full(problem.num_peers, -1, dtype=int)
+    for s, g in enumerate(groups):
+        stage_of[g] = s
+    return Layout(problem, bounds, stage_of)
+
+
+def _swap_groups(problem: Problem, lay: Layout) -> Layout | None:
+    """Best exchange of two stages' peer groups, each re-cut exactly; None if none helps.
+
+    The order of groups along the pipeline matters (memory needs fall with the position,
+    and each cut's traffic lands on the links of the peers beside it); local search with
+    fixed cuts cannot see that. O(S^2) DPs, so only for few stages.
+    """
+    groups = lay.groups()
+    best, best_t = None, lay.step_time()
+    for i in range(lay.num_stages):
+        for j in range(i + 1, lay.num_stages):
+            g = list(groups)
+            g[i], g[j] = g[j], g[i]
+            cand = _recut(problem, g)
+            if cand is not None and cand.step_time() < best_t * (1 - 1e-12):
+                best, best_t = cand, cand.step_time()
+    return best
+
+
+def _polish(problem: Problem, lay: Layout, max_rounds: int = 8) -> Layout:
+    """Alternate local search on placement (cuts fixed), the exact DP on cuts (groups
+    fixed) and, for few stages, exchanges of whole groups, until none improves."""
+    for _ in range(max_rounds):
+        improve(lay)
+        t = lay.step_time()
+        moved = _recut(problem, lay.groups())
+        if moved is not None and moved.step_time() < t * (1 - 1e-12):
+            lay = moved
+            continue
+        if lay.num_stages <= _SWAP_GROUPS_MAX_STAGES:
+            swapped = _swap_groups(problem, lay)
+            if swapped is not None:
+                lay = swapped
+                continue
+        break
+    return lay
+
+
+def _seeds(problem: Problem, num_stages: int) -> list[tuple[list[int], np.ndarray | None]]:
+    """Starting cuts (and optionally placements) for `num_stages` stages.
+
+    - cuts balancing flops under memory caps (uniform, or per position from the S peers
+      with the most memory, in both orders), placement left to the greedy;
+    - one peer per stage taken from the S best peers by one criterion (compute speed, link
+      speed, speed on the whole model, memory), in that order or reversed along the
+      pipeline, with the exact cuts for that placement: this ties the cut positions to
+      the links of the peers at them (a fast-compute, slow-link peer wants a stage whose
+      boundaries carry little);
+    - the exact feasibility DP's answer when it applies, so a fit is never missed there.
+    """
+    S = num_stages
+    mem_desc = np.sort(problem.mem)[::-1]
+    top = mem_desc[:S]
+    caps_options = [[float(top[0])] * S, [float(top[-1])] * S, list(top), list(top[::-1])]
+    seen: set[tuple] = set()
+    out: list[tuple[list[int], np.ndarray | None]] = []
+
+    def add(bounds: list[int] | None, stage_of: np.ndarray | None) -> None:
+        if bounds is None:
+            return
+        key = (tuple(bounds), None if stage_of is None else tuple(stage_of))
+        if key not in seen:
+            seen.add(key)
+            out.append((bounds, stage_of))
+
+    for caps in caps_options:
+        add(balanced_bounds(problem, S, caps), None)
+    whole = problem.span_rates(0, problem.num_layers)
+    ids = np.arange(problem.num_peers)
+    for key in (problem.fps, problem.bw, whole, problem.mem):
+        best_first = np.lexsort((ids, -key))[:S]
+        for chosen in (best_first, best_first[::-1]):
+            bounds = bounds_for_groups(problem, [np.array([i]) for i in chosen])
+            if bounds is not None:
+                stage_of = np.full(problem.num_peers, -1, dtype=int)
+                stage_of[chosen] = np.arange(S)
+                add(bounds, stage_of)
+    if exact_applies(problem, S):
+        exact = exact_seed(problem, S)
+        if exact is not None:
+            add(*exact)
+    return out
+
+
 def plan(
     layers: Sequence[LayerCost],
     peers: Sequence[PeerSpec],
@@ -83,20 +182,23 @@ def plan(
     )
     if problem.num_peers == 0:
         raise Infeasible(infeasible_reason(problem))
-    mem_desc = np.sort(problem.mem)[::-1]
     best: Layout | None = None
     best_t = np.inf
+    started: set[tuple] = set()  # many seeds lead to the same start: polish each once
     for S in stage_counts(problem):
-        for cap in {float(mem_desc[0]), float(mem_desc[S - 1])}:
-            bounds = balanced_bounds(problem, S, [cap] * S)
-            if bounds is None:
-                continue
-            lay = greedy_layout(problem, bounds)
-            if lay is None:
-                continue
-            t = lay.step_time()
-            if t < best_t:
-                best, best_t = lay, t
+        for bounds, initial in _seeds(problem, S):
+            for build in (greedy_layout, bottleneck_layout):
+                lay = build(problem, bounds, initial)
+                if lay is None:
+                    continue
+                key = (tuple(lay.bounds), lay.stage_of.tobytes())
+                if key in started:
+                    continue
+                started.add(key)
+                lay = _polish(problem, lay)
+                t = lay.step_time()
+                if t < best_t:
+                    best, best_t = lay, t
     if best is None:
         raise Infeasible(infeasible_reason(problem))
     return layout_to_plan(problem, best)

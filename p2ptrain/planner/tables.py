@@ -76,6 +76,10 @@ class Problem:
         self.span_params = self.params_cum[b] - self.params_cum[a]
         self.span_traffic = self.start_traffic[a] + self.stop_traffic[b]
         self.span_acts = self.stage_in_bytes[a] + (self.outs_cum[b] - self.outs_cum[a])
+        # Memo tables for the search (one plan() call owns one Problem, so this stays pure).
+        self._memory_cache: dict[tuple[float, int], np.ndarray] = {}
+        self._group_cache: dict[tuple[int, ...], np.ndarray] = {}
+        self._rates_cache: dict[tuple[int, int], np.ndarray] = {}
 
     # -- memory ---------------------------------------------------------------------------
     def in_flight(self, stage_index: int, num_stages: int) -> float:
@@ -91,18 +95,31 @@ class Problem:
         )
 
     def memory_matrix(self, stage_index: int, num_stages: int) -> np.ndarray:
-        """memory over all spans (a, b) at position s of S; +inf where a >= b."""
+        """memory over all spans (a, b) at position s of S; +inf where a >= b. Cached."""
+        key = (self.in_flight(stage_index, num_stages), 0)
+        hit = self._memory_cache.get(key)
+        if hit is not None:
+            return hit
         m = self.state_factor * self.span_params + self.in_flight(stage_index, num_stages) * self.microbatch_size * self.span_acts
-        return np.where(self.valid, m, np.inf)
+        m = np.where(self.valid, m, np.inf)
+        m.setflags(write=False)
+        self._memory_cache[key] = m
+        return m
 
     # -- time -----------------------------------------------------------------------------
     def span_rates(self, a: int, b: int) -> np.ndarray:
-        """1 / t(s, p) for every peer on span [a, b): samples per second per replica."""
+        """1 / t(s, p) for every peer on span [a, b): samples per second per replica. Cached."""
+        hit = self._rates_cache.get((a, b))
+        if hit is not None:
+            return hit
         flops = self.flops_cum[b] - self.flops_cum[a]
         traffic = self.start_traffic[a] + self.stop_traffic[b]
         with np.errstate(divide="ignore", invalid="ignore"):
             t = np.maximum(flops / self.fps, traffic / self.bw)
-            return np.where(t > 0, 1.0 / t, np.inf)
+            rates = np.where(t > 0, 1.0 / t, np.inf)
+        rates.setflags(write=False)
+        self._rates_cache[(a, b)] = rates
+        return rates
 
     def span_param_bytes(self, a: int, b: int) -> float:
         return float(self.params_cum[b] - self.params_cum[a])
