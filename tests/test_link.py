@@ -176,3 +176,35 @@ async def test_send_to_a_closed_peer_raises_link_closed():
         await a.send(Frame("x", {}))
     with pytest.raises(LinkClosed):  # and stays closed
         await a.send(Frame("x", {}))
+
+
+async def test_small_frames_overtake_queued_bulk_frames():
+    # lockstep streams: a send_all blocks until the receiver has read it all, so bulk
+    # frames queue up behind the one on the wire.
+    a, b = trio.testing.lockstep_stream_pair()
+    sender, receiver = Link(Connection(a, "B")), Link(Connection(b, "A"))
+    bulk = np.zeros(2**18, np.float32)  # 1 MiB
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender.send, Frame("bulk", {"i": 0}, (bulk,)))
+        await trio.testing.wait_all_tasks_blocked()  # bulk 0 is on the wire
+        for i in (1, 2):
+            nursery.start_soon(sender.send, Frame("bulk", {"i": i}, (bulk,)))
+            await trio.testing.wait_all_tasks_blocked()
+        for i in (0, 1):
+            nursery.start_soon(sender.send, Frame("heartbeat", {"i": i}))
+            await trio.testing.wait_all_tasks_blocked()
+        order = [(f.kind, f.fields["i"]) for f in [await receiver.receive() for _ in range(5)]]
+    assert order == [("bulk", 0), ("heartbeat", 0), ("heartbeat", 1), ("bulk", 1), ("bulk", 2)]
+
+
+async def test_cancelled_waiting_sender_does_not_break_the_link():
+    a, b = trio.testing.lockstep_stream_pair()
+    sender, receiver = Link(Connection(a, "B")), Link(Connection(b, "A"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender.send, Frame("first", {}, (np.zeros(2**18, np.float32),)))
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.move_on_after(0.01):  # waits for the lock, never writes
+            await sender.send(Frame("dropped", {}))
+        nursery.start_soon(sender.send, Frame("second", {}))
+        assert [(await receiver.receive()).kind for _ in range(2)] == ["first", "second"]

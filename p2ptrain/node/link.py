@@ -1,7 +1,7 @@
 """Link: whole frames over an authenticated byte stream (a transport `Connection`).
 
 A Link owns its stream. `send` may be called from many tasks at once (frames never
-interleave); `receive` returns one frame at a time and survives cancellation (a
+interleave, and small frames overtake queued large ones); `receive` returns one frame at a time and survives cancellation (a
 `move_on_after` around it loses nothing: a partly received frame is resumed by the next
 call). A broken stream is `LinkClosed`; a malformed frame is `FrameError`, after which the
 link is out of sync and the caller must close it.
@@ -15,6 +15,7 @@ from ..transport.base import Connection
 from ..wire.codec import (
     DEFAULT_MAX_FRAME_BYTES,
     PREFIX_BYTES,
+    SMALL_FRAME_BYTES,
     Frame,
     FrameError,
     decode_frame_body,
@@ -40,6 +41,35 @@ class LinkClosed(Exception):
     """The other side closed the link, or the stream under it broke."""
 
 
+class _SendLock:
+    """A lock with two FIFO queues: a waiting small frame gets the lock before any waiting
+    bulk frame. A control message (heartbeat) then waits for at most the one bulk frame
+    already on the wire, not for every bulk frame queued behind it (DESIGN.md section 7).
+    Same handoff discipline as trio.Lock: release() passes ownership to the next waiter."""
+
+    def __init__(self) -> None:
+        self._held = False
+        self._urgent = trio.lowlevel.ParkingLot()
+        self._bulk = trio.lowlevel.ParkingLot()
+
+    async def acquire(self, *, urgent: bool) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not self._held:
+            self._held = True
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        # A cancelled waiter leaves its queue; one that was unparked owns the lock.
+        await (self._urgent if urgent else self._bulk).park()
+
+    def release(self) -> None:
+        if self._urgent:
+            self._urgent.unpark()
+        elif self._bulk:
+            self._bulk.unpark()
+        else:
+            self._held = False
+
+
 class Link:
     """Frames over `connection.stream`; see the module docstring for the contract."""
 
@@ -47,7 +77,7 @@ class Link:
         self._stream = connection.stream
         self.remote_peer_id: str = connection.remote_peer_id
         self.max_frame_bytes = max_frame_bytes
-        self._send_lock = trio.Lock()
+        self._send_lock = _SendLock()
         self._receive_lock = trio.Lock()
         self._send_broken: str | None = None  # why sending is impossible, once it is
         self._receive_broken: str | None = None
@@ -66,12 +96,16 @@ class Link:
         """Send one whole frame. Raises LinkClosed if the link is closed or broken,
         FrameError if the frame cannot be encoded or exceeds max_frame_bytes (nothing is sent).
 
-        Frames from concurrent callers are sent one after another, in lock (FIFO) order.
+        Frames from concurrent callers are sent whole, one after another: first the waiting
+        small ones (under SMALL_FRAME_BYTES, e.g. heartbeats), then the waiting large ones,
+        each class in arrival order. Frames sent by one task keep their order.
         If a send is cancelled after it started writing, part of a frame may be on the wire,
         so the link is marked broken: later sends raise LinkClosed.
         """
         buffers = encode_frame(frame, max_frame_bytes=self.max_frame_bytes)
-        async with self._send_lock:
+        urgent = sum(len(b) for b in buffers) < SMALL_FRAME_BYTES
+        await self._send_lock.acquire(urgent=urgent)
+        try:
             if self._send_broken is not None:
                 raise LinkClosed(self._send_broken)
             try:
@@ -83,6 +117,8 @@ class Link:
             except BaseException:
                 self._send_broken = f"link to {self.remote_peer_id} broke: a send was interrupted mid-frame"
                 raise
+        finally:
+            self._send_lock.release()
 
     async def receive(self) -> Frame:
         """The next frame. Raises LinkClosed on a clean EOF between frames, on EOF inside
