@@ -28,6 +28,7 @@ whole records already received in one receive_some; see simulations/link_bench.p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -36,6 +37,7 @@ import ssl
 import struct
 import tempfile
 from functools import partial
+from typing import Iterator
 
 import trio
 
@@ -144,7 +146,8 @@ class TlsTransport(Transport):
             # id after the handshake, whose CertificateVerify proves possession of the key.
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
-            _load_identity(context, self.identity)
+            with _identity_file(self.identity) as path:
+                context.load_cert_chain(path)
             self._client_context = context
         return self._client_context
 
@@ -164,12 +167,18 @@ class TlsTransport(Transport):
             raise TransportError(f"cannot listen on {listen}: {_os_reason(exc)}") from None
         bound = format_address(listeners[0].socket.getsockname())
         slots = trio.CapacityLimiter(self.max_pending_handshakes)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, partial(self._serve_connection, handler, slots), listeners)
-            log.info("listening on %s as %s", bound, self.peer_id)
-            task_status.started(bound)
+        # Every accepted connection needs a fresh SSLContext holding our key, and ssl loads
+        # keys only from files: keep one private file for as long as we serve.
+        with _identity_file(self.identity) as identity_path:
+            async with trio.open_nursery() as nursery:
+                serve_one = partial(self._serve_connection, handler, slots, identity_path)
+                await nursery.start(trio.serve_listeners, serve_one, listeners)
+                log.info("listening on %s as %s", bound, self.peer_id)
+                task_status.started(bound)
 
-    async def _serve_connection(self, handler: Handler, slots: trio.CapacityLimiter, raw: trio.SocketStream) -> None:
+    async def _serve_connection(
+        self, handler: Handler, slots: trio.CapacityLimiter, identity_path: str, raw: trio.SocketStream
+    ) -> None:
         """Runs in its own task per accepted socket; never raises (that would stop serve)."""
         try:
             where = format_address(raw.socket.getpeername())
@@ -183,7 +192,7 @@ class TlsTransport(Transport):
             await trio.aclose_forcefully(raw)
             return
         try:
-            connection = await self._accept(raw, where)
+            connection = await self._accept(raw, where, identity_path)
         except TransportError as exc:
             log.warning("refused connection from %s: %s", where, exc)
             return
@@ -198,7 +207,7 @@ class TlsTransport(Transport):
             with trio.move_on_after(2.0):  # bound the TLS goodbye to a peer that stopped reading
                 await connection.stream.aclose()
 
-    async def _accept(self, raw: trio.SocketStream, where: str) -> Connection:
+    async def _accept(self, raw: trio.SocketStream, where: str, identity_path: str) -> Connection:
         """Hello, handshake and accept exchange; TransportError (stream closed) on failure."""
         stream: _TlsStream | None = None
         try:
@@ -211,7 +220,8 @@ class TlsTransport(Transport):
                 client_cert = await _receive_exactly(raw, length)
                 remote_peer_id = peer_id_from_cert_der(client_cert)
 
-                stream = _TlsStream(raw, self._server_context(client_cert), server_side=True)
+                context = self._server_context(client_cert, identity_path)
+                stream = _TlsStream(raw, context, server_side=True)
                 await stream.ssl_stream.do_handshake()
                 if stream.ssl_stream.getpeercert(binary_form=True) != client_cert:
                     raise TransportError("TLS certificate differs from the one in the hello")
@@ -232,7 +242,7 @@ class TlsTransport(Transport):
         log.info("accepted connection from %s (%s)", remote_peer_id, where)
         return Connection(stream=stream, remote_peer_id=remote_peer_id)
 
-    def _server_context(self, client_cert_der: bytes) -> ssl.SSLContext:
+    def _server_context(self, client_cert_der: bytes, identity_path: str) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_3
         context.verify_mode = ssl.CERT_REQUIRED
@@ -241,7 +251,7 @@ class TlsTransport(Transport):
             context.load_verify_locations(cadata=client_cert_der)
         except ssl.SSLError as exc:
             raise TransportError(f"hello certificate rejected by TLS: {exc.reason or exc}") from None
-        _load_identity(context, self.identity)
+        context.load_cert_chain(identity_path)
         return context
 
 
@@ -321,19 +331,18 @@ async def _receive_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
     return bytes(buffer)
 
 
-def _load_identity(context: ssl.SSLContext, identity: Identity) -> None:
-    """Load the identity's certificate and key into `context`.
-
-    ssl can only load them from a file, so they are written to a private (0700) temporary
-    directory and removed at once.
-    """
+@contextlib.contextmanager
+def _identity_file(identity: Identity) -> Iterator[str]:
+    """A PEM file with the identity's key and certificate, for SSLContext.load_cert_chain
+    (ssl loads them from files only). It lives in a private (0700) temporary directory
+    that is removed on exit."""
     directory = tempfile.mkdtemp(prefix="p2ptrain-tls-")
     try:
         path = os.path.join(directory, "identity.pem")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as file:
             file.write(identity.key_pem + identity.cert_pem)
-        context.load_cert_chain(path)
+        yield path
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
