@@ -1,10 +1,10 @@
 """Link: whole frames over an authenticated byte stream (a transport `Connection`).
 
 A Link owns its stream. `send` may be called from many tasks at once (frames never
-interleave, and small frames overtake queued large ones); `receive` returns one frame at a time and survives cancellation (a
-`move_on_after` around it loses nothing: a partly received frame is resumed by the next
-call). A broken stream is `LinkClosed`; a malformed frame is `FrameError`, after which the
-link is out of sync and the caller must close it.
+interleave, and small frames overtake queued large ones). `receive` returns one frame at
+a time and survives cancellation (a `move_on_after` around it loses nothing: a partly
+received frame is resumed by the next call). A broken stream is `LinkClosed`; a malformed
+frame is `FrameError`, after which the link is out of sync and the caller must close it.
 """
 
 from __future__ import annotations

@@ -111,9 +111,10 @@ class TlsTransport(Transport):
         except OSError as exc:
             raise TransportError(f"cannot reach {address}: {_os_reason(exc)}") from None
 
-        stream = _TlsStream(raw, self._get_client_context(), server_side=False)
+        stream: _TlsStream | None = None
         try:
             with trio.fail_after(self.handshake_timeout_s):
+                stream = _TlsStream(raw, self._get_client_context(), server_side=False)
                 hello = _HELLO_HEAD.pack(MAGIC, len(self.identity.cert_der)) + self.identity.cert_der
                 await raw.send_all(hello)
                 await stream.ssl_stream.do_handshake()
@@ -126,7 +127,7 @@ class TlsTransport(Transport):
                 if await stream.receive_some(1) != ACCEPT_BYTE:
                     raise TransportError(f"peer at {address} refused the connection")
         except BaseException as exc:
-            await trio.aclose_forcefully(stream)
+            await trio.aclose_forcefully(stream if stream is not None else raw)
             if isinstance(exc, trio.TooSlowError):
                 raise TransportError(
                     f"handshake with {address} timed out after {self.handshake_timeout_s:g} s"
