@@ -98,9 +98,45 @@ def _swap_groups(problem: Problem, lay: Layout) -> Layout | None:
     return best
 
 
-def _polish(problem: Problem, lay: Layout, max_rounds: int = 8) -> Layout:
+_RESTRUCTURE_MAX_PEERS = 12
+
+
+def _restructure(problem: Problem, lay: Layout) -> Layout | None:
+    """Best change of the number of stages, re-cut exactly; None if none helps.
+
+    Split: a peer leaves its stage (or the unused pool) to form a new stage of its own next
+    to it. Merge: two neighbouring groups become one stage. O(n * S) DPs, so only for few
+    peers; on large pools the outer loop over stage counts does this job.
+    """
+    groups = lay.groups()
+    S = lay.num_stages
+    best, best_t = None, lay.step_time()
+    candidates: list[list[np.ndarray]] = []
+    for i in range(S - 1):
+        candidates.append(groups[:i] + [np.concatenate([groups[i], groups[i + 1]])] + groups[i + 2 :])
+    for i in range(S):
+        if len(groups[i]) > 1:
+            for p in groups[i]:
+                rest = groups[i][groups[i] != p]
+                candidates.append(groups[:i] + [np.array([p]), rest] + groups[i + 1 :])
+                candidates.append(groups[:i] + [rest, np.array([p])] + groups[i + 1 :])
+    if S < problem.num_layers:
+        for p in np.flatnonzero(lay.stage_of < 0):
+            for i in range(S + 1):
+                candidates.append(groups[:i] + [np.array([p])] + groups[i:])
+    for g in candidates:
+        if len(g) > problem.num_layers:
+            continue
+        cand = _recut(problem, g)
+        if cand is not None and cand.step_time() < best_t * (1 - 1e-12):
+            best, best_t = cand, cand.step_time()
+    return best
+
+
+def _polish(problem: Problem, lay: Layout, max_rounds: int = 12) -> Layout:
     """Alternate local search on placement (cuts fixed), the exact DP on cuts (groups
-    fixed) and, for few stages, exchanges of whole groups, until none improves."""
+    fixed) and, for few stages and peers, exchanges of whole groups and changes of the
+    number of stages, until none improves."""
     for _ in range(max_rounds):
         improve(lay)
         t = lay.step_time()
@@ -112,6 +148,11 @@ def _polish(problem: Problem, lay: Layout, max_rounds: int = 8) -> Layout:
             swapped = _swap_groups(problem, lay)
             if swapped is not None:
                 lay = swapped
+                continue
+        if problem.num_peers <= _RESTRUCTURE_MAX_PEERS:
+            changed = _restructure(problem, lay)
+            if changed is not None:
+                lay = changed
                 continue
         break
     return lay
