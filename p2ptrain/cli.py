@@ -4,10 +4,28 @@ package; bad input and unreachable hosts end in one line on stderr and a non-zer
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
+import os
 import signal
 import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Get SIGTERM when the parent dies (set by LocalSwarm for the processes it starts), so
+    that a killed demo or test leaves no peers behind. Done here rather than in a
+    preexec_fn: forking a process that runs JAX's threads and calling into libc there can
+    deadlock."""
+    parent = int(os.environ["P2PTRAIN_DIE_WITH_PARENT"])
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:   # the parent died before the request took effect
+        raise SystemExit(1)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if os.environ.get("P2PTRAIN_DIE_WITH_PARENT"):
+        _die_with_parent()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     if args.command == "join" and args.threads:
@@ -79,11 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     from .transport.base import TransportError
     from .wire.messages import ProtocolError
 
+    from .node.groups import sole_error
+
     command = {"bootstrap": _bootstrap, "join": _join, "status": _status}[args.command]
     try:
-        return trio.run(command, args)
-    except (TransportError, ProtocolError, OSError) as exc:
-        print(f"p2ptrain {args.command}: {exc}", file=sys.stderr)
+        try:
+            return trio.run(command, args)
+        except BaseExceptionGroup as group:
+            raise sole_error(group) from None
+    except (TransportError, ProtocolError, OSError, trio.TooSlowError) as exc:
+        print(f"p2ptrain {args.command}: {exc or 'timed out'}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -133,7 +158,7 @@ async def _join(args) -> int:
 
     free_bytes = available_memory_bytes()
     memory_bytes = min(args.memory, free_bytes) if args.memory else free_bytes
-    threads = args.threads or len(__import__("os").sched_getaffinity(0))
+    threads = args.threads or len(os.sched_getaffinity(0))
     config = PeerConfig(bootstrap=args.bootstrap, listen=args.listen, memory_bytes=memory_bytes,
                         flops_per_s=measure_flops_per_s(), threads=threads)
     transport = _transport(args.state_dir)

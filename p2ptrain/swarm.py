@@ -1,11 +1,10 @@
 """A swarm of real `p2ptrain` processes on this machine (loopback), for the demo, the
 end-to-end tests and the benchmarks. Every port is chosen by the OS; every process is
-stopped on exit, and dies with its parent even if the parent is killed (PR_SET_PDEATHSIG).
+stopped on exit, and dies with its parent even if the parent is killed (see cli._die_with_parent).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import selectors
 import signal
@@ -15,16 +14,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:   # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
-
 
 class SwarmError(RuntimeError):
     """A swarm process failed to start; the message carries the end of its log."""
@@ -82,7 +71,8 @@ class LocalSwarm:
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "p2ptrain", *args], stdout=subprocess.PIPE, stderr=log,
-                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                stdin=subprocess.DEVNULL,
+                env=dict(os.environ, PYTHONUNBUFFERED="1", P2PTRAIN_DIE_WITH_PARENT=str(os.getpid())))
         line = _read_line(process, self.start_timeout_s)
         if not line:
             process.kill()

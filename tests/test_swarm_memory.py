@@ -30,7 +30,7 @@ async def test_bootstrap_two_peers_and_a_driver_train_exactly_under_mock_clock(a
         peers = []
         for name in ("peer-a", "peer-b"):
             # Each peer can hold about half the model, so both are needed.
-            config = PeerConfig(bootstrap=address, listen=f"{name}:1", memory_bytes=1_200,
+            config = PeerConfig(bootstrap=address, listen=f"{name}:1", memory_bytes=1_500,
                                 flops_per_s=1e9, compute_in_thread=False)
             peers.append(await nursery.start(serve_peer, MemoryTransport(network, name), config))
         result = await p2ptrain.train_async(
@@ -40,7 +40,7 @@ async def test_bootstrap_two_peers_and_a_driver_train_exactly_under_mock_clock(a
         nursery.cancel_scope.cancel()
     expected_params, expected_losses = reference_train(
         model, batches, p2ptrain.losses.softmax_cross_entropy, optimizer, steps=5, microbatches=4, params=params)
-    assert [s.peer_id for s in result.stages] == ["peer-a", "peer-b"] or len(result.stages) == 2
+    assert sorted(s.peer_id for s in result.stages) == ["peer-a", "peer-b"]
     assert max_abs_difference(result.params, expected_params) <= 1e-5
     np.testing.assert_allclose(result.losses, expected_losses, atol=1e-5)
     assert trio.current_time() < 1e6   # virtual time: no wall-clock waits happened

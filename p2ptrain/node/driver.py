@@ -26,6 +26,7 @@ from ..core.schedule import MicrobatchWindow, split_microbatches
 from ..transport.base import Transport
 from ..wire.codec import Frame
 from ..wire.messages import ProtocolError, message
+from .groups import sole_error
 from .link import Link, LinkClosed
 from .session import next_message, request
 
@@ -104,40 +105,48 @@ async def run_training(
 ) -> TrainResult:
     """Train `spec` on the swarm behind `bootstrap`. Raises planner.Infeasible when the
     swarm cannot hold the model, TrainingError when a peer refuses or vanishes."""
-    job_id = f"job-{transport.peer_id[:12]}"
-    job = None
-    async with trio.open_nursery() as nursery:
-        directory = Link(await transport.connect(bootstrap))
+    directory = Link(await transport.connect(bootstrap))
+    try:
+        peers = (await request(directory, message("directory_request"), "directory")).fields["peers"]
+        stages, the_plan, bundles = _plan_job(spec, peers)
+        if on_plan is not None:
+            on_plan(stages)
         try:
-            peers = (await request(directory, message("directory_request"), "directory")).fields["peers"]
-            stages, the_plan, bundles = _plan_job(spec, peers)
-            if on_plan is not None:
-                on_plan(stages)
-            job = _Job(job_id, stages, spec, config, transport, nursery)
-            await _report(directory, job, "loading", 0)
-            await job.load(bundles)
-            await _report(directory, job, "training", 0)
-            losses, step_times = [], []
-            for step in range(spec.steps):
-                start = trio.current_time()
-                losses.append(await job.run_step(step))
-                step_times.append(trio.current_time() - start)
-                if on_step is not None:
-                    on_step(step, losses[-1], _samples_per_s(spec, step_times))
-                await _report(directory, job, "training", step + 1)
-            params = await job.fetch_params()
-            await job.end()
-            await _report(directory, job, "finished", spec.steps)
-        except BaseException:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await _report(directory, job, "failed", -1)
-            raise
-        finally:
-            with trio.CancelScope(shield=True):
-                await directory.aclose()
-            nursery.cancel_scope.cancel()
+            async with trio.open_nursery() as nursery:
+                job = _Job(f"job-{transport.peer_id[:12]}", stages, bundles, spec, config, transport, nursery)
+                try:
+                    params, losses, step_times = await _run_job(job, directory, on_step)
+                except BaseException:
+                    with trio.CancelScope(shield=True), trio.move_on_after(2):
+                        await _report(directory, job, "failed", 0)
+                    raise
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise sole_error(group) from None
+    finally:
+        with trio.CancelScope(shield=True):
+            await directory.aclose()
     x0, _ = spec.batches(0)
     return TrainResult(params, losses, stages, the_plan, step_times, samples_per_step=len(x0))
+
+
+async def _run_job(job: "_Job", directory: Link, on_step: StepCallback | None):
+    spec = job.spec
+    await _report(directory, job, "loading", 0)
+    await job.load()
+    await _report(directory, job, "training", 0)
+    losses, step_times = [], []
+    for step in range(spec.steps):
+        start = trio.current_time()
+        losses.append(await job.run_step(step))
+        step_times.append(trio.current_time() - start)
+        if on_step is not None:
+            on_step(step, losses[-1], _samples_per_s(spec, step_times))
+        await _report(directory, job, "training", step + 1)
+    params = await job.fetch_params()
+    await job.end()
+    await _report(directory, job, "finished", spec.steps)
+    return params, losses, step_times
 
 
 def _samples_per_s(spec: TrainSpec, step_times: list[float]) -> float:
@@ -146,14 +155,12 @@ def _samples_per_s(spec: TrainSpec, step_times: list[float]) -> float:
     return len(x0) * len(recent) / sum(recent) if sum(recent) > 0 else 0.0
 
 
-async def _report(directory: Link, job: "_Job | None", state: str, step: int) -> None:
+async def _report(directory: Link, job: "_Job", state: str, step: int) -> None:
     """Tell the bootstrap how the job stands (best effort: `status` is informational)."""
-    if job is None:
-        return
     stages = [[s.start, s.stop, s.peer_id] for s in job.stages]
     try:
         await directory.send(message("job_update", job_id=job.job_id, state=state,
-                                     step=max(step, 0), steps=job.spec.steps, stages=stages))
+                                     step=step, steps=job.spec.steps, stages=stages))
     except LinkClosed:
         pass
 
@@ -194,15 +201,15 @@ def _plan_job(spec: TrainSpec, peers: list[dict]):
 class _Job:
     """A job's links to its stage peers and the events they send back."""
 
-    def __init__(self, job_id, stages, spec: TrainSpec, config: DriverConfig, transport, nursery):
-        self.job_id, self.stages, self.spec, self.config = job_id, stages, spec, config
+    def __init__(self, job_id, stages, bundles, spec: TrainSpec, config: DriverConfig, transport, nursery):
+        self.job_id, self.stages, self.bundles, self.spec, self.config = job_id, stages, bundles, spec, config
         self.transport, self.nursery = transport, nursery
         self.links: list[Link] = []
         self.events_send, self.events = trio.open_memory_channel[tuple[int, Frame | None]](
             config.max_event_backlog)
         self.treedefs = [jax.tree_util.tree_structure(spec.params[s.start:s.stop]) for s in stages]
 
-    async def load(self, bundles) -> None:
+    async def load(self) -> None:
         """Connect to every stage's peer, ship its stage, wait until all are ready."""
         with trio.fail_after(self.config.stage_ready_timeout_s):
             for stage in self.stages:
@@ -213,7 +220,7 @@ class _Job:
                 neighbours = [[n.peer_id, n.address] if n else None for n in (prev, nxt)]
                 leaves = [np.asarray(a) for a in jax.tree_util.tree_leaves(self.spec.params[stage.start:stage.stop])]
                 await link.send(message("load_stage", leaves, job_id=self.job_id, stage=index,
-                                        bundle=bundles[index].to_wire(), prev=neighbours[0], next=neighbours[1]))
+                                        bundle=self.bundles[index].to_wire(), prev=neighbours[0], next=neighbours[1]))
             for index, link in enumerate(self.links):
                 self.nursery.start_soon(self._receive, index, link)
             ready = set()
