@@ -15,6 +15,8 @@ Calling ``forward(mb, ...)`` again before ``backward(mb)`` replaces the stored i
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +33,25 @@ __all__ = ["StageRunner", "StageStateError"]
 class StageStateError(RuntimeError):
     """A call out of protocol order: backward without forward, a duplicate or missing
     micro-batch gradient at ``apply_update``."""
+
+
+# Compiled programs by content, shared by runners in this process: a peer reloading the same
+# stage after a re-plan, or the many simulated peers of one process running the same stage,
+# compile each program once. Keyed by the SHA-256 of the serialized bytes (and the device),
+# so a different program can never hit; every load still runs check_program first.
+_COMPILED_CACHE_ENTRIES = 64
+_compiled: OrderedDict[tuple[bytes, str], Any] = OrderedDict()
+
+
+def _compiled_call(blob: bytes, exp: Any, device: jax.Device) -> Any:
+    key = (hashlib.sha256(blob).digest(), str(device))
+    fn = _compiled.pop(key, None)
+    if fn is None:
+        fn = jax.jit(exp.call)
+    _compiled[key] = fn  # most recently used last
+    while len(_compiled) > _COMPILED_CACHE_ENTRIES:
+        _compiled.popitem(last=False)
+    return fn
 
 
 @jax.jit
@@ -117,7 +138,8 @@ class StageRunner:
 
         device = _pick_device(exps["update"].platforms)
         params = _check_leaves("params", params_leaves, sig["params"])
-        fns = {name: jax.jit(exp.call) for name, exp in exps.items()}
+        fns = {name: _compiled_call(bundle.programs[name], exp, device)
+               for name, exp in exps.items()}
         params_dev = [jax.device_put(p, device) for p in params]
         if opt_state_leaves is None:
             opt_dev = list(fns["init_opt"](params_dev))
