@@ -291,3 +291,11 @@ def test_residual_bytes_per_sample():
     assert x_bytes <= kept <= 8 * x_bytes
     kernel_bytes = 24 * 24 * 4
     assert kept * mb < kernel_bytes + x_bytes * mb
+
+
+def test_x_independent_residuals_are_not_stored():
+    # First stage [0, 2): Dense(24) + relu. Storing x (kernel grad) and relu's mask is
+    # enough; jax's vjp also carries a broadcast zeros array per relu, which is recomputed.
+    kept = residual_bytes_per_sample(make_model(), 0, 2, initial_params()[0:2],
+                                     spec((BATCH // M, IN)))
+    assert IN * 4 <= kept < IN * 4 + 24 * 4
