@@ -43,11 +43,21 @@ _COMPILED_CACHE_ENTRIES = 64
 _compiled: OrderedDict[tuple[bytes, str], Any] = OrderedDict()
 
 
-def _compiled_call(blob: bytes, exp: Any, device: jax.Device) -> Any:
+def _compile(blob: bytes, exp: Any, device: jax.Device) -> Any:
+    """Ahead-of-time compile ``exp`` for ``device``: load pays the compile time (seconds on a
+    slow peer), so no micro-batch ever does, and a program XLA cannot compile fails at load."""
     key = (hashlib.sha256(blob).digest(), str(device))
     fn = _compiled.pop(key, None)
     if fn is None:
-        fn = jax.jit(exp.call)
+        sharding = jax.sharding.SingleDeviceSharding(device)
+        specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+                 for a in exp.in_avals]
+        args, kwargs = jax.tree_util.tree_unflatten(exp.in_tree, specs)
+        try:
+            fn = jax.jit(exp.call).lower(*args, **kwargs).compile()
+        except Exception as e:
+            raise ProgramRejected(f"program does not compile here ({type(e).__name__}: {e})") \
+                from e
     _compiled[key] = fn  # most recently used last
     while len(_compiled) > _COMPILED_CACHE_ENTRIES:
         _compiled.popitem(last=False)
@@ -123,8 +133,9 @@ class StageRunner:
 
         Raises ``ProgramRejected`` for a bad bundle or program (allow-list, sizes, signature,
         inconsistent programs) and ``ValueError`` for params/opt-state leaves that do not
-        match the programs (count, shape, dtype). Runs nothing before all checks pass; with
-        ``opt_state_leaves=None`` it then runs the exported ``init_opt``.
+        match the programs (count, shape, dtype). Runs nothing before all checks pass; then
+        compiles every program ahead of time (cached by content, see ``_compile``) and, with
+        ``opt_state_leaves=None``, runs the exported ``init_opt``.
         """
         if not isinstance(bundle, StageBundle):
             raise ProgramRejected(f"expected a StageBundle, got {type(bundle).__name__}")
@@ -138,13 +149,14 @@ class StageRunner:
 
         device = _pick_device(exps["update"].platforms)
         params = _check_leaves("params", params_leaves, sig["params"])
-        fns = {name: _compiled_call(bundle.programs[name], exp, device)
-               for name, exp in exps.items()}
+        opt = None if opt_state_leaves is None else \
+            _check_leaves("opt_state", opt_state_leaves, sig["opt_state"])
+        fns = {name: _compile(bundle.programs[name], exp, device)
+               for name, exp in sorted(exps.items())}
         params_dev = [jax.device_put(p, device) for p in params]
-        if opt_state_leaves is None:
+        if opt is None:
             opt_dev = list(fns["init_opt"](params_dev))
         else:
-            opt = _check_leaves("opt_state", opt_state_leaves, sig["opt_state"])
             opt_dev = [jax.device_put(o, device) for o in opt]
         return cls(bundle=bundle, fns=fns, device=device, params=params_dev,
                    opt_state=opt_dev, sig=sig)
