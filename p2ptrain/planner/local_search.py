@@ -23,27 +23,35 @@ _SWAP_CANDIDATES = 4
 
 class _StageSums:
     """Per-stage rate sum, replica count, two smallest link bandwidths (and who has the
-    smallest) and time: what a move needs to be priced in O(1)."""
+    smallest) and time: what a move needs to be priced in O(1). Updated per move."""
 
     def __init__(self, lay: Layout) -> None:
-        p = lay.problem
         S = lay.num_stages
+        self.lay = lay
         self.rate_sum = np.zeros(S)
         self.count = np.zeros(S, dtype=int)
         self.min1 = np.full(S, np.inf)
         self.min2 = np.full(S, np.inf)
         self.argmin1 = np.full(S, -1)
-        for s, g in enumerate(lay.groups()):
-            self.rate_sum[s] = lay.rates[s, g].sum()
-            self.count[s] = len(g)
-            if len(g):
-                bws = p.bw[g]
-                order = np.argsort(bws, kind="stable")
-                self.min1[s] = bws[order[0]]
-                self.argmin1[s] = g[order[0]]
-                if len(g) > 1:
-                    self.min2[s] = bws[order[1]]
-        self.times = _time(lay, np.arange(S), self.rate_sum, self.count, self.min1)
+        self.times = np.full(S, np.inf)
+        for s in range(S):
+            self.refresh(s)
+
+    def refresh(self, s: int) -> None:
+        lay = self.lay
+        g = np.flatnonzero(lay.stage_of == s)
+        self.rate_sum[s] = lay.rates[s, g].sum()
+        self.count[s] = len(g)
+        self.min1[s] = self.min2[s] = np.inf
+        self.argmin1[s] = -1
+        if len(g):
+            bws = lay.problem.bw[g]
+            order = np.argsort(bws, kind="stable")
+            self.min1[s] = bws[order[0]]
+            self.argmin1[s] = g[order[0]]
+            if len(g) > 1:
+                self.min2[s] = bws[order[1]]
+        self.times[s] = _time(lay, np.array([s]), self.rate_sum[s : s + 1], self.count[s : s + 1], self.min1[s : s + 1])[0]
 
 
 def _time(lay: Layout, stages: np.ndarray, rate_sum: np.ndarray, count: np.ndarray, min_bw: np.ndarray) -> np.ndarray:
@@ -67,8 +75,8 @@ def improve(lay: Layout, max_steps: int | None = None) -> Layout:
     if max_steps is None:
         max_steps = 50 + 10 * n
     all_peers = np.arange(n)
+    sums = _StageSums(lay)
     for _ in range(max_steps):
-        sums = _StageSums(lay)
         times = sums.times
         t_max = float(times.max())
         if not np.isfinite(t_max) or t_max <= 0.0:
@@ -147,4 +155,7 @@ def improve(lay: Layout, max_steps: int | None = None) -> Layout:
             where[x[best]] = dx[best]
         if y[best] >= 0:
             where[y[best]] = b
+        sums.refresh(b)
+        if other[best] >= 0:
+            sums.refresh(int(other[best]))
     return lay

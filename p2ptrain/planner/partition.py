@@ -18,8 +18,8 @@ import numpy as np
 from .tables import Problem, ring_factor
 
 
-def _bottleneck_dp(costs: Sequence[np.ndarray], num_layers: int) -> list[int] | None:
-    """min over cuts of max_s costs[s][a, b]; None if every cut has an infinite stage.
+def _bottleneck_dp(costs: Sequence[np.ndarray], num_layers: int) -> tuple[list[int], float] | None:
+    """(cuts, value) minimising max_s costs[s][a, b]; None if every cut has an infinite stage.
 
     costs[s] has shape (L, L + 1) and is +inf where a >= b or the span is not allowed.
     """
@@ -38,7 +38,7 @@ def _bottleneck_dp(costs: Sequence[np.ndarray], num_layers: int) -> list[int] | 
     for arg in reversed(choices):
         bounds.append(int(arg[bounds[-1]]))
     bounds.reverse()
-    return bounds
+    return bounds, float(best[L])
 
 
 def balanced_bounds(problem: Problem, num_stages: int, caps_bytes: Sequence[float]) -> list[int] | None:
@@ -50,7 +50,8 @@ def balanced_bounds(problem: Problem, num_stages: int, caps_bytes: Sequence[floa
         # Flops plus a sliver of params so that ties (e.g. zero-flop layers) still spread out.
         c = problem.span_flops + 1e-9 * problem.span_params
         costs.append(np.where(problem.valid & (mem <= caps_bytes[s]), c, np.inf))
-    return _bottleneck_dp(costs, problem.num_layers)
+    found = _bottleneck_dp(costs, problem.num_layers)
+    return None if found is None else found[0]
 
 
 def group_time_matrix(problem: Problem, members: np.ndarray, stage_index: int, num_stages: int) -> np.ndarray:
@@ -94,8 +95,17 @@ def _group_time_no_memory(problem: Problem, members: np.ndarray) -> np.ndarray:
     return out
 
 
-def bounds_for_groups(problem: Problem, groups: Sequence[np.ndarray]) -> list[int] | None:
-    """Exact best cuts for fixed, ordered, non-empty peer groups; None if none fits memory."""
+def cut_groups(problem: Problem, groups: Sequence[np.ndarray]) -> tuple[list[int], float] | None:
+    """Exact best cuts for fixed, ordered, non-empty peer groups and the step time they
+    give; None if no cut fits memory (or there are more groups than layers)."""
     S = len(groups)
+    if S > problem.num_layers:
+        return None
     costs = [group_time_matrix(problem, g, s, S) for s, g in enumerate(groups)]
     return _bottleneck_dp(costs, problem.num_layers)
+
+
+def bounds_for_groups(problem: Problem, groups: Sequence[np.ndarray]) -> list[int] | None:
+    """Exact best cuts for fixed, ordered, non-empty peer groups; None if none fits memory."""
+    found = cut_groups(problem, groups)
+    return None if found is None else found[0]

@@ -10,7 +10,8 @@ from .assign import Layout, bottleneck_layout, greedy_layout
 from .costs import LayerCost, PeerSpec
 from .feasibility import exact_applies, exact_seed
 from .local_search import improve
-from .partition import balanced_bounds, bounds_for_groups
+from .pipeline_seed import pipeline_seeds
+from .partition import balanced_bounds, bounds_for_groups, cut_groups
 from .plans import Infeasible, Plan, Stage
 from .tables import Problem
 
@@ -69,14 +70,46 @@ def infeasible_reason(problem: Problem) -> str:
 _SWAP_GROUPS_MAX_STAGES = 8
 
 
-def _recut(problem: Problem, groups: list[np.ndarray]) -> Layout | None:
-    bounds = bounds_for_groups(problem, groups)
-    if bounds is None:
-        return None
+def _layout_for(problem: Problem, groups: list[np.ndarray], bounds: list[int]) -> Layout:
     stage_of = np.full(problem.num_peers, -1, dtype=int)
     for s, g in enumerate(groups):
         stage_of[g] = s
     return Layout(problem, bounds, stage_of)
+
+
+def _cut(problem: Problem, groups: list[np.ndarray], reorder: bool = False) -> tuple[float, list[np.ndarray], list[int]] | None:
+    """Exact best cuts for `groups` in this order: (step time, groups, bounds). With
+    `reorder`, also tries the orders that put the two groups with the least link capacity
+    at the ends of the pipeline (end stages carry about half the boundary traffic of inner
+    ones) and keeps the best."""
+    orders = [groups]
+    if reorder and len(groups) > 2:
+        cap = [float(problem.bw[g].sum()) for g in groups]
+        weak = sorted(range(len(groups)), key=lambda i: (cap[i], i))[:2]
+        inner = [g for i, g in enumerate(groups) if i not in weak]
+        orders.append([groups[weak[1]]] + inner + [groups[weak[0]]])
+        orders.append([groups[weak[0]]] + inner + [groups[weak[1]]])
+    best = None
+    for order in orders:
+        found = cut_groups(problem, order)
+        if found is not None and (best is None or found[1] < best[0]):
+            best = (found[1], order, found[0])
+    return best
+
+
+def _recut(problem: Problem, groups: list[np.ndarray], reorder: bool = False) -> Layout | None:
+    found = _cut(problem, groups, reorder)
+    return None if found is None else _layout_for(problem, found[1], found[2])
+
+
+def _best_of(problem: Problem, candidates: list[list[np.ndarray]], current_s: float, reorder: bool) -> Layout | None:
+    """The candidate grouping with the lowest exact step time, if below `current_s`."""
+    best = None
+    for groups in candidates:
+        found = _cut(problem, groups, reorder)
+        if found is not None and found[0] < current_s * (1 - 1e-12) and (best is None or found[0] < best[0]):
+            best = found
+    return None if best is None else _layout_for(problem, best[1], best[2])
 
 
 def _swap_groups(problem: Problem, lay: Layout) -> Layout | None:
@@ -87,53 +120,66 @@ def _swap_groups(problem: Problem, lay: Layout) -> Layout | None:
     fixed cuts cannot see that. O(S^2) DPs, so only for few stages.
     """
     groups = lay.groups()
-    best, best_t = None, lay.step_time()
+    candidates = []
     for i in range(lay.num_stages):
         for j in range(i + 1, lay.num_stages):
             g = list(groups)
             g[i], g[j] = g[j], g[i]
-            cand = _recut(problem, g)
-            if cand is not None and cand.step_time() < best_t * (1 - 1e-12):
-                best, best_t = cand, cand.step_time()
-    return best
+            candidates.append(g)
+    return _best_of(problem, candidates, lay.step_time(), reorder=False)
 
 
-_RESTRUCTURE_MAX_PEERS = 12
+_SHORTLIST = 4  # large pools: unused peers per criterion considered for new stages
 
 
 def _restructure(problem: Problem, lay: Layout) -> Layout | None:
-    """Best change of the number of stages, re-cut exactly; None if none helps.
+    """Best change of the number of stages or of a stage's peers, re-cut exactly; None if
+    none helps.
 
-    Split: a peer leaves its stage (or the unused pool) to form a new stage of its own next
-    to it. Merge: two neighbouring groups become one stage. O(n * S) DPs, so only for few
-    peers; on large pools the outer loop over stage counts does this job.
+    Candidates (each priced with the exact cut DP for its groups):
+    - merge two neighbouring groups into one stage, or drop a stage's group altogether;
+    - split: a replica leaves its stage to form a stage of its own beside it;
+    - insert an unused peer as a new one-peer stage; replace a one-peer stage's peer by an
+      unused one.
+    On small pools every candidate is tried. On large pools splits, inserts and
+    replacements are limited to the bottleneck stage and a shortlist of unused peers (best
+    by speed on the whole model, by link, by memory), which keeps a round at O(S) DPs.
     """
     groups = lay.groups()
     S = lay.num_stages
-    best, best_t = None, lay.step_time()
+    small = problem.num_peers <= _SMALL_PEERS
+    b = int(np.argmax(lay.stage_times()))
     candidates: list[list[np.ndarray]] = []
     for i in range(S - 1):
         candidates.append(groups[:i] + [np.concatenate([groups[i], groups[i + 1]])] + groups[i + 2 :])
-    for i in range(S):
+    if S > 1:
+        for i in range(S):
+            candidates.append(groups[:i] + groups[i + 1 :])
+    for i in range(S) if small else (b,):
         if len(groups[i]) > 1:
             for p in groups[i]:
                 rest = groups[i][groups[i] != p]
                 candidates.append(groups[:i] + [np.array([p]), rest] + groups[i + 1 :])
                 candidates.append(groups[:i] + [rest, np.array([p])] + groups[i + 1 :])
+    unused = np.flatnonzero(lay.stage_of < 0)
+    if not small and len(unused) > _SHORTLIST:
+        whole = problem.span_rates(0, problem.num_layers)
+        picks = set()
+        for key in (whole, problem.bw, problem.mem):
+            picks.update(unused[np.lexsort((unused, -key[unused]))[:_SHORTLIST]].tolist())
+        unused = np.array(sorted(picks))
     if S < problem.num_layers:
-        for p in np.flatnonzero(lay.stage_of < 0):
-            for i in range(S + 1):
+        for p in unused:
+            for i in range(S + 1) if small else (b, b + 1):
                 candidates.append(groups[:i] + [np.array([p])] + groups[i:])
-    for g in candidates:
-        if len(g) > problem.num_layers:
-            continue
-        cand = _recut(problem, g)
-        if cand is not None and cand.step_time() < best_t * (1 - 1e-12):
-            best, best_t = cand, cand.step_time()
-    return best
+    for i in range(S) if small else (b,):
+        if len(groups[i]) == 1:
+            for p in unused:
+                candidates.append(groups[:i] + [np.array([p])] + groups[i + 1 :])
+    return _best_of(problem, candidates, lay.step_time(), reorder=True)
 
 
-def _polish(problem: Problem, lay: Layout, max_rounds: int = 12) -> Layout:
+def _polish(problem: Problem, lay: Layout, max_rounds: int = 24) -> Layout:
     """Alternate local search on placement (cuts fixed), the exact DP on cuts (groups
     fixed) and, for few stages and peers, exchanges of whole groups and changes of the
     number of stages, until none improves."""
@@ -149,13 +195,17 @@ def _polish(problem: Problem, lay: Layout, max_rounds: int = 12) -> Layout:
             if swapped is not None:
                 lay = swapped
                 continue
-        if problem.num_peers <= _RESTRUCTURE_MAX_PEERS:
-            changed = _restructure(problem, lay)
-            if changed is not None:
-                lay = changed
-                continue
+        changed = _restructure(problem, lay)
+        if changed is not None:
+            lay = changed
+            continue
         break
     return lay
+
+
+_SMALL_PEERS = 12  # up to this many peers: every seed, every start polished
+_POLISHED_STARTS = 4  # larger pools: how many of the best starts get polished
+_GREEDY_MAX_PEERS = 64
 
 
 def _seeds(problem: Problem, num_stages: int) -> list[tuple[list[int], np.ndarray | None]]:
@@ -169,18 +219,22 @@ def _seeds(problem: Problem, num_stages: int) -> list[tuple[list[int], np.ndarra
       the links of the peers at them (a fast-compute, slow-link peer wants a stage whose
       boundaries carry little);
     - the exact feasibility DP's answer when it applies, so a fit is never missed there.
+    Large pools get the first of each kind only.
     """
     S = num_stages
+    small = problem.num_peers <= _SMALL_PEERS
     mem_desc = np.sort(problem.mem)[::-1]
     top = mem_desc[:S]
-    caps_options = [[float(top[0])] * S, [float(top[-1])] * S, list(top), list(top[::-1])]
+    caps_options = [[float(top[0])] * S, list(top)]
+    if small:
+        caps_options += [[float(top[-1])] * S, list(top[::-1])]
     seen: set[tuple] = set()
     out: list[tuple[list[int], np.ndarray | None]] = []
 
     def add(bounds: list[int] | None, stage_of: np.ndarray | None) -> None:
         if bounds is None:
             return
-        key = (tuple(bounds), None if stage_of is None else tuple(stage_of))
+        key = (tuple(bounds), None if stage_of is None else stage_of.tobytes())
         if key not in seen:
             seen.add(key)
             out.append((bounds, stage_of))
@@ -189,9 +243,10 @@ def _seeds(problem: Problem, num_stages: int) -> list[tuple[list[int], np.ndarra
         add(balanced_bounds(problem, S, caps), None)
     whole = problem.span_rates(0, problem.num_layers)
     ids = np.arange(problem.num_peers)
-    for key in (problem.fps, problem.bw, whole, problem.mem):
+    keys = (whole, problem.bw, problem.fps, problem.mem) if small else (whole, problem.bw)
+    for key in keys:
         best_first = np.lexsort((ids, -key))[:S]
-        for chosen in (best_first, best_first[::-1]):
+        for chosen in (best_first, best_first[::-1]) if small else (best_first,):
             bounds = bounds_for_groups(problem, [np.array([i]) for i in chosen])
             if bounds is not None:
                 stage_of = np.full(problem.num_peers, -1, dtype=int)
@@ -223,23 +278,34 @@ def plan(
     )
     if problem.num_peers == 0:
         raise Infeasible(infeasible_reason(problem))
-    best: Layout | None = None
-    best_t = np.inf
-    started: set[tuple] = set()  # many seeds lead to the same start: polish each once
-    for S in stage_counts(problem):
-        for bounds, initial in _seeds(problem, S):
-            for build in (greedy_layout, bottleneck_layout):
-                lay = build(problem, bounds, initial)
-                if lay is None:
-                    continue
-                key = (tuple(lay.bounds), lay.stage_of.tobytes())
-                if key in started:
-                    continue
-                started.add(key)
-                lay = _polish(problem, lay)
-                t = lay.step_time()
-                if t < best_t:
-                    best, best_t = lay, t
-    if best is None:
+    return layout_to_plan(problem, search(problem))
+
+
+def search(problem: Problem) -> Layout:
+    """Best layout found: greedy starts for every stage count and seed, then the most
+    promising starts polished. Raises Infeasible when no start fits."""
+    starts: dict[tuple, Layout] = {}  # many seeds lead to the same start: keep one
+    seeds = [seed for S in stage_counts(problem) for seed in _seeds(problem, S)]
+    seeds += pipeline_seeds(problem)
+    # The peer-driven greedy is a Python loop over peers; on large pools the stage-driven
+    # one (which stops once the bottleneck cannot improve) gives starts as good, far faster.
+    builders = (greedy_layout, bottleneck_layout) if problem.num_peers <= _GREEDY_MAX_PEERS else (bottleneck_layout,)
+    for bounds, initial in seeds:
+        for build in builders:
+            lay = build(problem, bounds, initial)
+            if lay is not None:
+                starts.setdefault((tuple(lay.bounds), lay.stage_of.tobytes()), lay)
+    if not starts:
         raise Infeasible(infeasible_reason(problem))
-    return layout_to_plan(problem, best)
+    timed = sorted((lay.step_time(), lay.num_stages, i) for i, lay in enumerate(starts.values()))
+    layouts = list(starts.values())
+    ranked = [layouts[i] for _, _, i in timed]
+    if problem.num_peers > _SMALL_PEERS:
+        ranked = ranked[:_POLISHED_STARTS]
+    best, best_t = None, np.inf
+    for lay in ranked:
+        lay = _polish(problem, lay)
+        t = lay.step_time()
+        if t < best_t:
+            best, best_t = lay, t
+    return best
