@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-PEER_MEMORY = ("1.2MB", "1.5MB", "2MB", "3MB")   # small caps: a 4-stage pipeline is needed
+PEER_MEMORY = ("1.2MB", "1.4MB", "1.6MB", "1.8MB")   # no peer holds two 256x256 layers: a pipeline is needed
 STEPS = 300
 BATCH_SIZE = 128
 MICROBATCHES = 4

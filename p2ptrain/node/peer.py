@@ -131,13 +131,14 @@ class Peer:
             raise ProtocolError(f"{kind} for unknown job {f.get('job_id')!r}")
         if kind == "forward":
             self._expect_sender(job, link, job.driver_id if job.stage == 0 else job.prev and job.prev.peer_id)
-            job.inbox.add_forward(f["step"], f["mb"], self._checked(msg, job.runner.in_shape, "forward"))
+            job.inbox.add_forward(f["step"], f["mb"], self._checked(msg, job.runner.in_shape, job.runner.in_dtype, "forward"))
         elif kind == "target":
             self._expect_sender(job, link, job.driver_id)
-            job.inbox.add_target(f["step"], f["mb"], msg.arrays[0])
+            job.inbox.add_target(f["step"], f["mb"], self._checked(
+                msg, job.runner.target_shape, job.runner.target_dtype, "target"))
         elif kind == "backward":
             self._expect_sender(job, link, job.next and job.next.peer_id)
-            job.inbox.add_backward(f["step"], f["mb"], self._checked(msg, job.runner.out_shape, "backward"))
+            job.inbox.add_backward(f["step"], f["mb"], self._checked(msg, job.runner.out_shape, job.runner.out_dtype, "backward"))
         elif kind == "fetch_params":
             self._expect_sender(job, link, job.driver_id)
             leaves = await self._compute(job.runner.params_leaves)
@@ -156,10 +157,11 @@ class Peer:
             raise ProtocolError(f"job {job.job_id}: unexpected sender {link.remote_peer_id[:12]}")
 
     @staticmethod
-    def _checked(msg: Frame, shape: tuple, what: str) -> np.ndarray:
+    def _checked(msg: Frame, shape: tuple | None, dtype, what: str) -> np.ndarray:
+        """The message's array if it has the shape and dtype the stage's programs take."""
         array = msg.arrays[0]
-        if tuple(array.shape) != tuple(shape) or array.dtype != np.float32:
-            raise ProtocolError(f"{what}: array {array.dtype}{list(array.shape)}, expected float32{list(shape)}")
+        if shape is None or tuple(array.shape) != tuple(shape) or array.dtype != dtype:
+            raise ProtocolError(f"{what}: got {array.dtype}{list(array.shape)}, expected {dtype}{list(shape or [])}")
         return array
 
     async def load_stage(self, link: Link, msg: Frame) -> None:
