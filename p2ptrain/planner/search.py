@@ -134,7 +134,12 @@ _SHORTLIST = 4  # large pools: unused peers per criterion considered for new sta
 
 def _restructure(problem: Problem, lay: Layout) -> Layout | None:
     """Best change of the number of stages or of a stage's peers, re-cut exactly; None if
-    none helps.
+    none helps. Candidates come from `restructure_candidates`."""
+    return _best_of(problem, restructure_candidates(problem, lay), lay.step_time(), reorder=True)
+
+
+def restructure_candidates(problem: Problem, lay: Layout) -> list[list[np.ndarray]]:
+    """Groupings one structural move away from `lay` (to be re-cut exactly).
 
     Candidates (each priced with the exact cut DP for its groups):
     - merge two neighbouring groups into one stage, or drop a stage's group altogether;
@@ -147,7 +152,7 @@ def _restructure(problem: Problem, lay: Layout) -> Layout | None:
     """
     groups = lay.groups()
     S = lay.num_stages
-    small = problem.num_peers <= _SMALL_PEERS
+    small = _is_small(problem)
     b = int(np.argmax(lay.stage_times()))
     candidates: list[list[np.ndarray]] = []
     for i in range(S - 1):
@@ -176,7 +181,7 @@ def _restructure(problem: Problem, lay: Layout) -> Layout | None:
         if len(groups[i]) == 1:
             for p in unused:
                 candidates.append(groups[:i] + [np.array([p])] + groups[i + 1 :])
-    return _best_of(problem, candidates, lay.step_time(), reorder=True)
+    return candidates
 
 
 def _polish(problem: Problem, lay: Layout, max_rounds: int = 24) -> Layout:
@@ -203,7 +208,16 @@ def _polish(problem: Problem, lay: Layout, max_rounds: int = 24) -> Layout:
     return lay
 
 
-_SMALL_PEERS = 12  # up to this many peers: every seed, every start polished
+_SMALL_PEERS = 12  # up to this many peers and _SMALL_LAYERS layers: exhaustive-ish mode
+_SMALL_LAYERS = 16
+
+
+def _is_small(problem: Problem) -> bool:
+    """Small instances get every seed, every start polished and every restructuring move."""
+    return problem.num_peers <= _SMALL_PEERS and problem.num_layers <= _SMALL_LAYERS
+
+
+
 _POLISHED_STARTS = 4  # larger pools: how many of the best starts get polished
 _GREEDY_MAX_PEERS = 64
 
@@ -222,7 +236,7 @@ def _seeds(problem: Problem, num_stages: int) -> list[tuple[list[int], np.ndarra
     Large pools get the first of each kind only.
     """
     S = num_stages
-    small = problem.num_peers <= _SMALL_PEERS
+    small = _is_small(problem)
     mem_desc = np.sort(problem.mem)[::-1]
     top = mem_desc[:S]
     caps_options = [[float(top[0])] * S, list(top)]
@@ -300,7 +314,7 @@ def search(problem: Problem) -> Layout:
     timed = sorted((lay.step_time(), lay.num_stages, i) for i, lay in enumerate(starts.values()))
     layouts = list(starts.values())
     ranked = [layouts[i] for _, _, i in timed]
-    if problem.num_peers > _SMALL_PEERS:
+    if not _is_small(problem):
         ranked = ranked[:_POLISHED_STARTS]
     best, best_t = None, np.inf
     for lay in ranked:
