@@ -44,6 +44,33 @@ def cli(*args, timeout_s=60):
                           timeout=timeout_s, stdin=subprocess.DEVNULL)
 
 
+async def test_hostile_frames_close_only_their_link(swarm):
+    """Unknown message types, malformed frames and messages for unknown jobs each close
+    that link; the peer keeps serving (the training test after this one uses it)."""
+    from p2ptrain.node.link import Link, LinkClosed
+    from p2ptrain.transport.identity import Identity
+    from p2ptrain.transport.tcp_tls import TlsTransport
+    from p2ptrain.wire.codec import Frame
+
+    target = swarm.peers[0]
+    transport = TlsTransport(Identity.load_or_create(None))
+    hostile = [Frame("launch_missiles", {}),
+               Frame("forward", {"job_id": "nope", "step": 0, "mb": 0}, (np.zeros(3, np.float32),)),
+               Frame("forward", {"job_id": 7}, ())]
+    for frame in hostile:
+        link = Link(await transport.connect(target.address, target.peer_id))
+        await link.send(frame)
+        with pytest.raises(LinkClosed):
+            await link.receive()
+    connection = await transport.connect(target.address, target.peer_id)
+    await connection.stream.send_all(b"\xff" * 64)   # a length prefix far above the frame cap
+    with pytest.raises(Exception):
+        await Link(connection).receive()
+    assert "closing link" in target.log_path.read_text()
+    status = json.loads(cli("status", "--bootstrap", swarm.address, "--json").stdout)
+    assert {p["peer_id"]: p["state"] for p in status["peers"]}[target.peer_id] == "alive"
+
+
 def test_pipelined_training_equals_single_process_jax(swarm, digits):
     model = mlp()
     x0, _ = digits(0)
