@@ -21,7 +21,7 @@ import numpy as np
 import trio
 
 from .. import planner
-from ..compute import Sequential, export_stage, profile_layers
+from ..compute import Sequential, export_stage, profile_layers, residual_bytes_per_sample
 from ..core.schedule import MicrobatchWindow, split_microbatches
 from ..transport.base import Transport
 from ..wire.codec import Frame
@@ -180,22 +180,44 @@ def _plan_job(spec: TrainSpec, peers: list[dict]):
              for p in peers]
     the_plan = planner.plan(costs, specs, in_bytes=x0[0].nbytes, batch_size=batch_size,
                             microbatch_size=mb_size, state_factor=spec.state_factor)
-    address = {p["peer_id"]: p["address"] for p in peers}
-    stages = [StageAssignment(s.start, s.stop, s.peers[0], address[s.peers[0]]) for s in the_plan.stages]
+    by_id = {p["peer_id"]: p for p in peers}
+    # Stage replicas are not executed yet: each stage runs on its first (fastest) peer.
+    stages = [StageAssignment(s.start, s.stop, s.peers[0], by_id[s.peers[0]]["address"]) for s in the_plan.stages]
     bundles = []
     x_spec = jax.ShapeDtypeStruct(x_mb.shape, x_mb.dtype)
     for index, stage in enumerate(stages):
         is_last = index == len(stages) - 1
         stage_params = spec.params[stage.start:stage.stop]
+        memory = dict(in_bytes=x0[0].nbytes, batch_size=batch_size, microbatch_size=mb_size)
+        keep_residuals = _residuals_fit(spec, costs, stages, index, x_spec, by_id[stage.peer_id]["memory_bytes"], memory)
         bundles.append(export_stage(
             spec.model, stage.start, stage.stop, stage_params, x_spec=x_spec,
             y_spec=jax.ShapeDtypeStruct(y_mb.shape, y_mb.dtype) if is_last else None,
             loss=spec.loss, optimizer=spec.optimizer, microbatches=spec.microbatches,
-            is_last=is_last, keep_residuals=False))
+            is_last=is_last, keep_residuals=keep_residuals))
         out = jax.eval_shape(lambda p, x: spec.model.apply_range(p, x, stage.start, stage.stop),
                              stage_params, x_spec)
         x_spec = jax.ShapeDtypeStruct(out.shape, out.dtype)
     return stages, the_plan, bundles
+
+
+def _residuals_fit(spec: TrainSpec, costs, stages, index: int, x_spec, peer_memory_bytes: int, memory: dict) -> bool:
+    """Whether stage `index` keeps its forward residuals for the backward pass.
+
+    Keeping them makes the backward cost about 2x the forward instead of 3x (recomputing
+    the forward); recomputing keeps only the stage input per micro-batch. The cost model
+    already budgets every layer output of the in-flight micro-batches; residuals are kept
+    when what they need beyond that still fits in the peer's donated memory.
+    """
+    stage = stages[index]
+    budgeted = planner.stage_memory_bytes(costs, stage.start, stage.stop, index, len(stages),
+                                          state_factor=spec.state_factor, **memory)
+    stage_in = memory["in_bytes"] if stage.start == 0 else costs[stage.start - 1].out_bytes
+    per_sample_budget = stage_in + sum(c.out_bytes for c in costs[stage.start:stage.stop])
+    residual = residual_bytes_per_sample(spec.model, stage.start, stage.stop,
+                                         spec.params[stage.start:stage.stop], x_spec)
+    in_flight = min(len(stages) - index, spec.microbatches) * memory["microbatch_size"]
+    return budgeted + in_flight * max(0, residual - per_sample_budget) <= peer_memory_bytes
 
 
 class _Job:
