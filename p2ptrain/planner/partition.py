@@ -17,6 +17,8 @@ import numpy as np
 
 from .tables import Problem, ring_factor
 
+_CACHE_LIMIT = 20_000  # matrices per memo table: bounds memory at (L+1)^2 * 8 B each
+
 
 def _bottleneck_dp(costs: Sequence[np.ndarray], num_layers: int) -> tuple[list[int], float] | None:
     """(cuts, value) minimising max_s costs[s][a, b]; None if every cut has an infinite stage.
@@ -56,20 +58,28 @@ def balanced_bounds(problem: Problem, num_stages: int, caps_bytes: Sequence[floa
 
 def group_time_matrix(problem: Problem, members: np.ndarray, stage_index: int, num_stages: int) -> np.ndarray:
     """Stage time over all spans (a, b) if exactly the peers `members` serve position s;
-    +inf where the span does not fit the group's smallest memory."""
+    +inf where the span does not fit the group's smallest memory. Cached per (group,
+    micro-batches in flight), which is all the position changes."""
+    key = np.sort(members).tobytes()
+    in_flight = problem.in_flight(stage_index, num_stages)
+    hit = problem._stage_cache.get((key, in_flight))
+    if hit is not None:
+        return hit
     mem = problem.memory_matrix(stage_index, num_stages)
     ok = mem <= problem.mem[members].min()
-    return np.where(ok, _group_time_no_memory(problem, members), np.inf)
+    out = np.where(ok, _group_time_no_memory(problem, members, key), np.inf)
+    if len(problem._stage_cache) < _CACHE_LIMIT:
+        problem._stage_cache[(key, in_flight)] = out
+    return out
 
 
-def _group_time_no_memory(problem: Problem, members: np.ndarray) -> np.ndarray:
+def _group_time_no_memory(problem: Problem, members: np.ndarray, key: bytes) -> np.ndarray:
     """Stage time over all spans for the group `members`, memory ignored. Cached per group.
 
     Sum of rates uses the split into compute-bound and link-bound replicas: a replica is
     compute-bound on a span iff flops_per_s / bandwidth <= span_flops / span_traffic, so with
     the replicas sorted by that ratio the rate sum is two prefix sums: O(L^2 log k).
     """
-    key = tuple(sorted(int(i) for i in members))
     hit = problem._group_cache.get(key)
     if hit is not None:
         return hit
@@ -90,19 +100,50 @@ def _group_time_no_memory(problem: Problem, members: np.ndarray) -> np.ndarray:
         time = problem.batch_size / rate
     sync = ring_factor(k) * problem.span_params / bw.min()
     out = np.where(problem.valid, time + sync, np.inf)
-    if len(problem._group_cache) < 200_000:
+    if len(problem._group_cache) < _CACHE_LIMIT:
         problem._group_cache[key] = out
     return out
 
 
 def cut_groups(problem: Problem, groups: Sequence[np.ndarray]) -> tuple[list[int], float] | None:
     """Exact best cuts for fixed, ordered, non-empty peer groups and the step time they
-    give; None if no cut fits memory (or there are more groups than layers)."""
+    give; None if no cut fits memory (or there are more groups than layers).
+
+    The DP runs stage by stage from the front, and its state after stage s depends only on
+    the groups up to s and their micro-batches in flight; that state is memoised, so the
+    many candidate groupings the search prices, which share long prefixes, cost only the
+    stages after their first difference.
+    """
     S = len(groups)
-    if S > problem.num_layers:
+    L = problem.num_layers
+    if S > L:
         return None
-    costs = [group_time_matrix(problem, g, s, S) for s, g in enumerate(groups)]
-    return _bottleneck_dp(costs, problem.num_layers)
+    cache = problem._dp_cache
+    cols = np.arange(L + 1)
+    prefix = 0  # id of the empty prefix
+    best = np.full(L + 1, np.inf)
+    best[0] = 0.0
+    chain = []  # (best, arg) per stage
+    for s, g in enumerate(groups):
+        key = (prefix, np.sort(g).tobytes(), problem.in_flight(s, S))
+        hit = cache.get(key)
+        if hit is None:
+            cost = group_time_matrix(problem, g, s, S)
+            cand = np.maximum(best[:L, None], cost)
+            arg = np.argmin(cand, axis=0)
+            best = cand[arg, cols]
+            hit = (len(cache) + 1, best, arg)
+            if len(cache) < _CACHE_LIMIT:
+                cache[key] = hit
+        prefix, best, arg = hit
+        chain.append(arg)
+    if not np.isfinite(best[L]):
+        return None
+    bounds = [L]
+    for arg in reversed(chain):
+        bounds.append(int(arg[bounds[-1]]))
+    bounds.reverse()
+    return bounds, float(best[L])
 
 
 def bounds_for_groups(problem: Problem, groups: Sequence[np.ndarray]) -> list[int] | None:

@@ -130,12 +130,14 @@ def _swap_groups(problem: Problem, lay: Layout) -> Layout | None:
 
 
 _SHORTLIST = 4  # large pools: unused peers per criterion considered for new stages
+_REORDER_MAX_STAGES = 12  # large pools: beyond this, candidates are priced in their own order only
 
 
 def _restructure(problem: Problem, lay: Layout) -> Layout | None:
     """Best change of the number of stages or of a stage's peers, re-cut exactly; None if
     none helps. Candidates come from `restructure_candidates`."""
-    return _best_of(problem, restructure_candidates(problem, lay), lay.step_time(), reorder=True)
+    reorder = _is_small(problem) or lay.num_stages <= _REORDER_MAX_STAGES
+    return _best_of(problem, restructure_candidates(problem, lay), lay.step_time(), reorder=reorder)
 
 
 def restructure_candidates(problem: Problem, lay: Layout) -> list[list[np.ndarray]]:
@@ -220,6 +222,7 @@ def _is_small(problem: Problem) -> bool:
 
 _POLISHED_STARTS = 4  # larger pools: how many of the best starts get polished
 _GREEDY_MAX_PEERS = 64
+_POLISH_WITHIN = 2.5
 
 
 def _seeds(problem: Problem, num_stages: int) -> list[tuple[list[int], np.ndarray | None]]:
@@ -315,7 +318,9 @@ def search(problem: Problem) -> Layout:
     layouts = list(starts.values())
     ranked = [layouts[i] for _, _, i in timed]
     if not _is_small(problem):
-        ranked = ranked[:_POLISHED_STARTS]
+        # Polishing rarely gains more than 2x, so starts far behind the best are skipped.
+        cutoff = timed[0][0] * _POLISH_WITHIN
+        ranked = [lay for (t, _, _), lay in zip(timed, ranked) if t <= cutoff][:_POLISHED_STARTS]
     best, best_t = None, np.inf
     for lay in ranked:
         lay = _polish(problem, lay)

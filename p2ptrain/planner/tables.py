@@ -78,7 +78,9 @@ class Problem:
         self.span_acts = self.stage_in_bytes[a] + (self.outs_cum[b] - self.outs_cum[a])
         # Memo tables for the search (one plan() call owns one Problem, so this stays pure).
         self._memory_cache: dict[tuple[float, int], np.ndarray] = {}
-        self._group_cache: dict[tuple[int, ...], np.ndarray] = {}
+        self._group_cache: dict[bytes, np.ndarray] = {}
+        self._stage_cache: dict[tuple[bytes, float], np.ndarray] = {}
+        self._dp_cache: dict[tuple[int, bytes, float], tuple[int, np.ndarray, np.ndarray]] = {}
         self._rates_cache: dict[tuple[int, int], np.ndarray] = {}
 
     # -- memory ---------------------------------------------------------------------------
