@@ -1,4 +1,54 @@
-"""plan(): the search that ties partition, assignment and local search together."""
+"""plan(): where the model is cut and which peers serve each stage.
+
+The problem. Choose S, cuts 0 = b_0 < ... < b_S = L and disjoint replica sets R_s so that
+every replica fits memory(s) (which depends on the span and on S - s) and
+max_s batch / X(s) + sync(s) is least (DESIGN.md section 5). Cuts alone are a DP; replica
+sets alone are a bin-packing-like assignment; together with the min-bandwidth all-reduce
+term and position-dependent memory the problem is NP-hard, so the search mixes exact
+pieces with heuristics.
+
+Exact pieces.
+- For fixed, ordered peer groups, the best cuts are an O(S L^2) bottleneck DP with the true
+  cost (memory included): partition.cut_groups. Its per-stage state is memoised, so the
+  thousands of groupings the search prices share their common prefixes.
+- For few stages, whether any cut into S stages fits memory at all is decided exactly by a
+  DP over subsets of the S largest peers (feasibility.py), so `Infeasible` is raised only
+  when no plan exists (for S <= 10; beyond that memory-capped cuts decide).
+
+Heuristic pieces.
+1. Starts, for every stage count S (all S for small instances, about 4 per octave for large
+   ones): cuts balancing flops under memory caps, one peer per stage from the S best by
+   speed / link / memory (re-cut exactly), the exact feasibility DP's answer, and a
+   capacity-chosen plain pipeline (pipeline_seed.py). Peers are then placed greedily:
+   fastest peer first onto the slowest stage it improves (assign.greedy_layout) and, per
+   stage, the free peer that speeds the slowest stage most (assign.bottleneck_layout).
+2. Polish (the best 4 starts within 2.5x of the best on large pools, all on small ones):
+   local search on placement with cuts fixed (add, drop, move or swap replicas of the
+   bottleneck stage, local_search.py), then the exact re-cut, exchanges of whole groups
+   (S <= 8), and structural moves re-cut exactly (merge or drop stages, split a replica off
+   into its own stage, insert or replace a one-peer stage with an unused peer), repeated
+   while anything improves. Each step strictly lowers (max stage time, sum of (t_s/t_max)^8),
+   so it terminates.
+
+Complexity. A start costs O(S L^2) for cuts plus O(n S) (peer-driven greedy, used up to 64
+peers) or O(n k) (stage-driven, k = replicas placed); a local-search step is O(n + S) with
+numpy; a structural round prices O(S) groupings (O(n S) on small pools) with the memoised
+DP. With about 25 stage counts and a handful of seeds per count, large pools cost
+O(25 * seeds * (n + S L^2)) plus the polish.
+
+Why it is good enough (numbers from tests/test_planner_optimality.py and
+simulations/planner_bench.py on this 2-core machine):
+- Against exhaustive search on 200 random instances (<= 6 peers, <= 8 layers, tight memory,
+  mixed fast/slow peers and links): 151 feasible, all 151 at the optimum, Infeasible exactly
+  on the other 49; on 600 more instances drawn the same way (seeds 1-3) also all optimal
+  (494 feasible). About 0.1 s per instance.
+- 1,000 peers x 96 layers plan in about 0.6 s, 10,000 peers in about 1 s.
+- On profile-drawn pools of 8-1,000 peers the median throughput is 2.3x the best of three
+  baselines that are each given their best stage count (never below 1.0x: where one GPU
+  holds the whole model, the best plan is that GPU alone and the baselines find it too).
+- Re-planning after 10% of the peers leave stays within 5% of a fresh plan (median 1.00x)
+  and moves about half the parameter bytes a fresh plan would (see replan.py).
+"""
 
 from __future__ import annotations
 
