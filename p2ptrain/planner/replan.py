@@ -9,9 +9,9 @@ state follows the same path and scales with it). `moved_param_bytes` measures th
    greedy, then local search with the cuts fixed; also with those groups re-cut exactly
    (only the layers next to moved cuts change hands);
 2. the surviving groups re-cut exactly (stages that lost everyone are absorbed by their
-   neighbours), then the same local search;
-3. from 1 and 2, structural moves (drop, merge, split, insert or replace a stage's peer),
-   the fastest while still too slow, then the one moving the fewest bytes;
+   neighbours, or replaced by one to three spare peers), then the same local search;
+3. from those, short sequences of structural moves (drop, merge, split, insert or replace a
+   stage's peer), a small beam keeping the fastest and the most time-per-byte moves;
 4. all of these fully polished (re-cutting, group swaps, stage-count changes);
 and a fresh `search`. It returns the candidate that moves the fewest bytes among those whose
 step time is within `tolerance` of the fresh plan's, so churn costs little transfer unless
@@ -88,28 +88,99 @@ def _fits(lay: Layout) -> bool:
     return lay.fits() and bool(np.all(np.bincount(lay.stage_of[lay.stage_of >= 0], minlength=lay.num_stages) > 0))
 
 
-def _frugal_moves(problem: Problem, previous: Plan, lay: Layout, limit_s: float, max_rounds: int = 4) -> list[Layout]:
-    """Structural moves (search.restructure_candidates) from `lay`: while slower than
-    `limit_s` take the fastest move; once a move reaches `limit_s`, take the one among those
-    that moves the fewest bytes and stop. Returns the layouts visited."""
-    out = []
+class _Held:
+    """What each peer (by index in the problem) held in the previous plan, to price
+    candidate groupings in moved bytes without building plans."""
+
+    def __init__(self, problem: Problem, previous: Plan) -> None:
+        index = {pid: i for i, pid in enumerate(problem.peer_ids)}
+        self.start = np.zeros(problem.num_peers, dtype=int)
+        self.stop = np.zeros(problem.num_peers, dtype=int)  # [0, 0): nothing held
+        for st in previous.stages:
+            for p in st.peers:
+                if p in index:
+                    self.start[index[p]], self.stop[index[p]] = st.start, st.stop
+        self.cum = problem.params_cum
+
+    def moved_bytes(self, groups: list[np.ndarray], bounds: list[int]) -> float:
+        total = 0.0
+        for s, g in enumerate(groups):
+            a, b = bounds[s], bounds[s + 1]
+            lo = np.maximum(self.start[g], a)
+            hi = np.minimum(self.stop[g], b)
+            kept = np.where(hi > lo, self.cum[np.maximum(hi, lo)] - self.cum[lo], 0.0)
+            total += len(g) * (self.cum[b] - self.cum[a]) - kept.sum()
+        return float(total)
+
+
+def _frugal_moves(
+    problem: Problem, held: _Held, start: Layout, limit_s: float, max_rounds: int = 4, beam: int = 4
+) -> list[Layout]:
+    """Short sequences of structural moves (search.restructure_candidates) from `start`,
+    looking for plans within `limit_s` that move few bytes. From each state still too slow
+    it keeps the fastest move and the move with the most time saved per byte moved (a
+    small beam); a move reaching `limit_s` with the fewest bytes ends its branch. Returns
+    the layouts visited."""
+    out: list[Layout] = []
+    frontier = [start]
     for _ in range(max_rounds):
-        if lay.step_time() <= limit_s:
+        nxt: list[tuple[float, list[np.ndarray], list[int]]] = []
+        for lay in frontier:
+            t_now = lay.step_time()
+            if t_now <= limit_s:
+                continue
+            bytes_now = held.moved_bytes(lay.groups(), lay.bounds)
+            scored = []
+            for groups in restructure_candidates(problem, lay):
+                found = _cut(problem, groups, reorder=True)
+                if found is not None and found[0] < t_now * (1 - 1e-12):
+                    scored.append((found, held.moved_bytes(found[1], found[2])))
+            if not scored:
+                continue
+            done = [x for x in scored if x[0][0] <= limit_s]
+            if done:
+                (t, g, b), _ = min(done, key=lambda x: (x[1], x[0][0]))
+                out.append(improve(_layout_for(problem, g, b)))
+            fastest = min(scored, key=lambda x: x[0][0])[0]
+            thrifty = max(scored, key=lambda x: (t_now - x[0][0]) / (max(x[1] - bytes_now, 0.0) + 1.0))[0]
+            nxt.extend([fastest, thrifty])
+        seen: set[tuple] = set()
+        frontier = []
+        for t, g, b in sorted(nxt, key=lambda f: f[0]):
+            key = (tuple(b), tuple(x.tobytes() for x in g))
+            if key not in seen and len(frontier) < beam:
+                seen.add(key)
+                frontier.append(improve(_layout_for(problem, g, b)))
+        out.extend(frontier)
+        if not frontier:
             break
-        scored = []
-        for groups in restructure_candidates(problem, lay):
-            found = _cut(problem, groups, reorder=True)
-            if found is not None and found[0] < lay.step_time() * (1 - 1e-12):
-                scored.append(found)
-        if not scored:
+    return out
+
+
+def _hole_starts(problem: Problem, kept: Layout) -> list[Layout]:
+    """Survivors in place, with the best-memory unused peers inserted as new one-peer
+    stages where stages were emptied, re-cut: a start for when no single spare peer can
+    take over an emptied stage and the survivors cannot absorb it either."""
+    groups = kept.groups()
+    holes = [s for s, g in enumerate(groups) if len(g) == 0]
+    if not holes:
+        return []
+    free = np.flatnonzero(kept.stage_of < 0)
+    free = free[np.lexsort((free, -problem.mem[free]))]
+    out = []
+    for k in (1, 2, 3):
+        if len(free) < k * len(holes):
             break
-        fast = [f for f in scored if f[0] <= limit_s]
-        if fast:
-            best = min(fast, key=lambda f: (moved_param_bytes(previous, layout_to_plan(problem, _layout_for(problem, f[1], f[2])), problem.layers), f[0]))
-        else:
-            best = min(scored, key=lambda f: f[0])
-        lay = improve(_layout_for(problem, best[1], best[2]))
-        out.append(lay)
+        new_groups, used = [], 0
+        for s, g in enumerate(groups):
+            if len(g):
+                new_groups.append(g)
+            else:
+                new_groups.extend(np.array([i]) for i in free[used : used + k])
+                used += k
+        lay = _recut(problem, new_groups, reorder=True)
+        if lay is not None:
+            out.append(improve(lay))
     return out
 
 
@@ -145,18 +216,21 @@ def replan(
             shifted = _recut(problem, filled.groups())
             if shifted is not None:
                 candidates.append(improve(shifted))
-    # 2. surviving groups re-cut (empty stages dropped)
+    # 2. surviving groups re-cut (empty stages dropped), or with spares inserted where
+    #    stages were emptied
     groups = [g for g in kept.groups() if len(g)]
     if groups:
         recut = _recut(problem, groups)
         if recut is not None:
             candidates.append(improve(recut))
+    candidates.extend(_hole_starts(problem, kept))
     fresh = search(problem)
     fresh_s = fresh.step_time()
     limit_s = fresh_s * (1 + tolerance)
-    # 3. from each, structural moves chosen for fewest bytes once fast enough
+    # 3. from each, short sequences of structural moves looking for few bytes moved
+    held = _Held(problem, previous)
     for lay in list(candidates):
-        candidates.extend(_frugal_moves(problem, previous, lay, limit_s))
+        candidates.extend(_frugal_moves(problem, held, lay, limit_s))
     # 4. the above, fully polished
     for lay in list(candidates):
         candidates.append(_polish(problem, Layout(problem, lay.bounds, lay.stage_of)))
