@@ -53,6 +53,20 @@ class Layout:
         return bool(np.all(self.eligible[self.stage_of[used], np.flatnonzero(used)]))
 
 
+
+def _stage_totals(problem, lay):
+    """Per stage of `lay`: summed replica rates, replica count, slowest link, stage time."""
+    S = lay.num_stages
+    rate_sum = np.zeros(S)
+    count = np.zeros(S, dtype=int)
+    min_bw = np.full(S, np.inf)
+    for s, g in enumerate(lay.groups()):
+        rate_sum[s] = lay.rates[s, g].sum()
+        count[s] = len(g)
+        min_bw[s] = problem.bw[g].min() if len(g) else np.inf
+    times = np.array([problem.stage_time(rate_sum[s], count[s], min_bw[s], lay.param_bytes[s]) for s in range(S)])
+    return rate_sum, count, min_bw, times
+
 def greedy_layout(
     problem: Problem, bounds: Sequence[int], initial: np.ndarray | None = None, allowed: np.ndarray | None = None
 ) -> Layout | None:
@@ -64,14 +78,7 @@ def greedy_layout(
     """
     lay = Layout(problem, bounds, initial)
     S = lay.num_stages
-    rate_sum = np.zeros(S)
-    count = np.zeros(S, dtype=int)
-    min_bw = np.full(S, np.inf)
-    for s, g in enumerate(lay.groups()):
-        rate_sum[s] = lay.rates[s, g].sum()
-        count[s] = len(g)
-        min_bw[s] = problem.bw[g].min() if len(g) else np.inf
-    times = np.array([problem.stage_time(rate_sum[s], count[s], min_bw[s], lay.param_bytes[s]) for s in range(S)])
+    rate_sum, count, min_bw, times = _stage_totals(problem, lay)
     # Speed on the model as a whole: decides who is placed first.
     whole = problem.span_rates(0, problem.num_layers)
     order = sorted(range(problem.num_peers), key=lambda i: (-whole[i], -problem.bw[i], problem.peer_ids[i]))
@@ -115,14 +122,7 @@ def bottleneck_layout(problem: Problem, bounds: Sequence[int], initial: np.ndarr
     """
     lay = Layout(problem, bounds, initial)
     S = lay.num_stages
-    rate_sum = np.zeros(S)
-    count = np.zeros(S, dtype=int)
-    min_bw = np.full(S, np.inf)
-    for s, g in enumerate(lay.groups()):
-        rate_sum[s] = lay.rates[s, g].sum()
-        count[s] = len(g)
-        min_bw[s] = problem.bw[g].min() if len(g) else np.inf
-    times = np.array([problem.stage_time(rate_sum[s], count[s], min_bw[s], lay.param_bytes[s]) for s in range(S)])
+    rate_sum, count, min_bw, times = _stage_totals(problem, lay)
     free = lay.stage_of < 0
     # Empty stages first, most memory first.
     for s in sorted(np.flatnonzero(count == 0), key=lambda s: (-lay.need_bytes[s], s)):
