@@ -74,7 +74,8 @@ def _progress(steps: int, *, enabled: bool):
 
     def on_plan(stages: list[StageAssignment]) -> None:
         for index, s in enumerate(stages):
-            console.print(f"stage {index}: layers {s.start}-{s.stop - 1} -> peer {s.peer_id[:12]} at {s.address}")
+            peers = ", ".join(f"{p[:12]} at {a}" for p, a in zip(s.peer_ids, s.addresses))
+            console.print(f"stage {index}: layers {s.start}-{s.stop - 1} -> {peers}")
 
     def on_step(step: int, loss: float, samples_per_s: float) -> None:
         bar.update(task, completed=step + 1, loss=loss, rate=samples_per_s)

@@ -195,7 +195,7 @@ async def _status(args) -> int:
               f"{p['bandwidth_bytes_per_s'] / 1e6:>9.1f} MB/s")
     print(f"{len(status['jobs'])} jobs")
     for j in status["jobs"]:
-        stages = ", ".join(f"{a}-{b - 1}@{peer[:8]}" for a, b, peer in j["stages"])
+        stages = ", ".join(f"{a}-{b - 1}@{'+'.join(p[:8] for p in peers)}" for a, b, peers in j["stages"])
         print(f"  {j['job_id']}  {j['state']:<9} step {j['step']}/{j['steps']}  stages {stages}")
     return 0
 

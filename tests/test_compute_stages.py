@@ -299,3 +299,29 @@ def test_x_independent_residuals_are_not_stored():
     kept = residual_bytes_per_sample(make_model(), 0, 2, initial_params()[0:2],
                                      spec((BATCH // M, IN)))
     assert IN * 4 <= kept < IN * 4 + 24 * 4
+
+
+def test_replicas_exchange_gradients_and_stay_identical():
+    """Two replicas of one (first and last) stage split the micro-batches, swap their
+    gradients, and end bit-identical to each other and equal to the reference."""
+    ref_losses, ref_params = reference_run("adam")
+    replicas = build_pipeline([0, 7], "adam", False) + build_pipeline([0, 7], "adam", False)
+    for r in replicas:
+        r.share_grads = True
+    for step in range(STEPS):
+        x, y = batches(step)
+        xs, ys = np.split(x, M), np.split(y, M)
+        for mb in reversed(range(M)):
+            replicas[mb % 2].last(mb, xs[mb], ys[mb])
+        shared = [r.take_shared_grads() for r in replicas]
+        assert sorted(shared[0]) == [0, 2] and sorted(shared[1]) == [1, 3]
+        for mine, theirs in ((replicas[0], shared[1]), (replicas[1], shared[0])):
+            for mb, leaves in theirs.items():
+                mine.add_grads(mb, leaves)
+        for r in replicas:
+            r.apply_update()
+    a, b = (gather_params([r], [0, 7]) for r in replicas)
+    assert max_abs_diff(a, b) == 0.0
+    assert max_abs_diff(a, ref_params) <= TOL
+    with pytest.raises(ValueError, match="grads leaf 0"):
+        replicas[0].add_grads(0, [np.zeros((1, 1), np.float32)] * len(replicas[0].params_leaves()))

@@ -70,3 +70,19 @@ def test_split_microbatches_equal_chunks_and_error():
     assert [c.tolist() for c in chunks] == [[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[8, 9], [10, 11]]]
     with pytest.raises(ValueError, match="does not split"):
         split_microbatches(np.zeros((5, 2)), 2)
+
+
+def test_replica_takes_only_its_microbatches_and_the_others_gradients():
+    inbox = StageInbox(microbatches=4, is_last=False, capacity=16, replica=1, replicas=2)
+    assert inbox.owned() == [1, 3]
+    with pytest.raises(ScheduleError, match="replica 0"):
+        inbox.add_forward(0, 2, "x2")
+    with pytest.raises(ScheduleError, match="this replica"):
+        inbox.add_grads(0, 1, "g1")
+    inbox.add_grads(0, 2, "g2")
+    inbox.add_forward(0, 3, "x3")
+    inbox.add_grads(0, 0, "g0")
+    order = []
+    while (task := inbox.next_task()) is not None:
+        order.append((task.kind, task.mb))
+    assert order == [("forward", 3), ("grads", 0), ("grads", 2)]

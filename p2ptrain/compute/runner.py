@@ -269,6 +269,7 @@ class StageRunner:
         self._pending: dict[int, list] = {}  # gradients that arrived ahead of their turn
         self._acc: list | None = None  # sum of gradients 0..next_mb-1, in index order
         self._next_mb = 0
+        self._shared: dict[int, list] = {}  # this step's own gradients, for replicas (share_grads)
 
     @property
     def completed_microbatches(self) -> tuple[int, ...]:
@@ -287,8 +288,10 @@ class StageRunner:
         if mb < self._next_mb or mb in self._pending:
             raise StageStateError(f"duplicate gradient for micro-batch {mb} in this step")
 
-    def _store_grad(self, mb: int, grads: list) -> None:
+    def _store_grad(self, mb: int, grads: list, *, own: bool = True) -> None:
         self._check_no_grad(mb)
+        if own and self.share_grads:
+            self._shared[mb] = grads
         self._pending[mb] = grads
         while self._next_mb in self._pending:
             g = self._pending.pop(self._next_mb)
@@ -345,6 +348,27 @@ class StageRunner:
         loss, grads, gx = self._fns["last"](self._params, x_dev, y_dev)
         self._store_grad(mb, list(grads))
         return float(loss), (np.asarray(gx[0]) if gx else None)
+
+    # ------------------------------------------------------------------ replicas
+
+    # A stage served by several replica peers: each computes its share of the micro-batches,
+    # sends those gradients to the others (`take_shared_grads`) and stores theirs
+    # (`add_grads`); every replica then sums all M in index order and applies the same
+    # update, so their parameters stay bit-identical.
+    share_grads: bool = False
+
+    def take_shared_grads(self) -> dict[int, list[np.ndarray]]:
+        """Param grads of the micro-batches computed here since the last call, by index
+        (empty unless ``share_grads``)."""
+        taken = {mb: [np.asarray(g) for g in grads] for mb, grads in sorted(self._shared.items())}
+        self._shared.clear()
+        return taken
+
+    def add_grads(self, mb: int, leaves: Sequence[np.ndarray]) -> None:
+        """Store another replica's param grads of micro-batch ``mb`` (checked like params)."""
+        mb = self._check_mb(mb)
+        arrays = _check_leaves("grads", leaves, self._sig["params"])
+        self._store_grad(mb, [jax.device_put(a, self._device) for a in arrays], own=False)
 
     def apply_update(self) -> None:
         """Apply the step: the micro-batch gradients summed in index order 0..M-1, then one

@@ -22,7 +22,8 @@ class ScheduleError(Exception):
 
 @dataclass(frozen=True)
 class Task:
-    """One unit of stage work. kind: "forward", "backward" or "last" (forward+loss+backward)."""
+    """One unit of stage work. kind: "forward", "backward", "last" (forward+loss+backward)
+    or "grads" (another replica's parameter gradients, in `grad`)."""
 
     kind: str
     step: int
@@ -43,7 +44,10 @@ class StageInbox:
     microbatches: int
     is_last: bool
     capacity: int
+    replica: int = 0       # this stage is served by `replicas` peers; micro-batch mb is
+    replicas: int = 1      # computed by replica mb % replicas, the others send its gradients
     step: int = 0
+    _grads: dict[int, Any] = field(default_factory=dict)
     _forwards: dict[int, Any] = field(default_factory=dict)
     _targets: dict[int, Any] = field(default_factory=dict)
     _backwards: dict[int, Any] = field(default_factory=dict)
@@ -54,6 +58,9 @@ class StageInbox:
             raise ScheduleError(f"{kind} for step {step} while the stage is at step {self.step}")
         if not 0 <= mb < self.microbatches:
             raise ScheduleError(f"{kind} for micro-batch {mb} of {self.microbatches}")
+        if (self.owns(mb)) == (kind == "grads"):
+            owner = "this replica" if kind == "grads" else f"replica {mb % self.replicas}"
+            raise ScheduleError(f"{kind} for micro-batch {mb}, which {owner} computes")
         if (kind, mb) in self._seen:
             raise ScheduleError(f"duplicate {kind} for step {step} micro-batch {mb}")
         if self.pending() >= self.capacity:
@@ -76,12 +83,23 @@ class StageInbox:
         self._admit("backward", step, mb)
         self._backwards[mb] = grad
 
+    def add_grads(self, step: int, mb: int, leaves: Any) -> None:
+        """Another replica's parameter gradients of micro-batch `mb`."""
+        self._admit("grads", step, mb)
+        self._grads[mb] = leaves
+
+    def owns(self, mb: int) -> bool:
+        return mb % self.replicas == self.replica
+
+    def owned(self) -> list[int]:
+        return [mb for mb in range(self.microbatches) if self.owns(mb)]
+
     def pending(self) -> int:
-        return len(self._forwards) + len(self._targets) + len(self._backwards)
+        return len(self._forwards) + len(self._targets) + len(self._backwards) + len(self._grads)
 
     def next_task(self) -> Task | None:
         """The next task, or None if nothing is ready. Backward first (frees memory soonest),
-        lowest micro-batch index first within a kind."""
+        lowest micro-batch index first within a kind; other replicas' gradients last."""
         if self._backwards:
             mb = min(self._backwards)
             return Task("backward", self.step, mb, grad=self._backwards.pop(mb))
@@ -90,10 +108,12 @@ class StageInbox:
             if ready:
                 mb = ready[0]
                 return Task("last", self.step, mb, x=self._forwards.pop(mb), y=self._targets.pop(mb))
-            return None
-        if self._forwards:
+        elif self._forwards:
             mb = min(self._forwards)
             return Task("forward", self.step, mb, x=self._forwards.pop(mb))
+        if self._grads:
+            mb = min(self._grads)
+            return Task("grads", self.step, mb, grad=self._grads.pop(mb))
         return None
 
     def next_step(self) -> None:

@@ -61,12 +61,22 @@ class DriverConfig:
 
 @dataclass(frozen=True)
 class StageAssignment:
-    """One stage of a running job: layers [start, stop) on `peer_id` at `address`."""
+    """One stage of a running job: layers [start, stop) on replica peers `peer_ids` (at
+    `addresses`); micro-batch mb runs on replica mb % len(peer_ids)."""
 
     start: int
     stop: int
-    peer_id: str
-    address: str
+    peer_ids: tuple[str, ...]
+    addresses: tuple[str, ...]
+
+    @property
+    def peer_id(self) -> str:
+        """The first (fastest) replica."""
+        return self.peer_ids[0]
+
+    def replicas(self) -> list[list[str]]:
+        """[[peer_id, address], ...] as load_stage carries them."""
+        return [[p, a] for p, a in zip(self.peer_ids, self.addresses)]
 
 
 @dataclass
@@ -157,7 +167,7 @@ def _samples_per_s(spec: TrainSpec, step_times: list[float]) -> float:
 
 async def _report(directory: Link, job: "_Job", state: str, step: int) -> None:
     """Tell the bootstrap how the job stands (best effort: `status` is informational)."""
-    stages = [[s.start, s.stop, s.peer_id] for s in job.stages]
+    stages = [[s.start, s.stop, list(s.peer_ids)] for s in job.stages]
     try:
         await directory.send(message("job_update", job_id=job.job_id, state=state,
                                      step=step, steps=job.spec.steps, stages=stages))
@@ -181,15 +191,15 @@ def _plan_job(spec: TrainSpec, peers: list[dict]):
     the_plan = planner.plan(costs, specs, in_bytes=x0[0].nbytes, batch_size=batch_size,
                             microbatch_size=mb_size, state_factor=spec.state_factor)
     by_id = {p["peer_id"]: p for p in peers}
-    # Stage replicas are not executed yet: each stage runs on its first (fastest) peer.
-    stages = [StageAssignment(s.start, s.stop, s.peers[0], by_id[s.peers[0]]["address"]) for s in the_plan.stages]
+    stages = [StageAssignment(s.start, s.stop, tuple(s.peers), tuple(by_id[p]["address"] for p in s.peers))
+              for s in the_plan.stages]
     bundles = []
     x_spec = jax.ShapeDtypeStruct(x_mb.shape, x_mb.dtype)
     for index, stage in enumerate(stages):
         is_last = index == len(stages) - 1
         stage_params = spec.params[stage.start:stage.stop]
         memory = dict(in_bytes=x0[0].nbytes, batch_size=batch_size, microbatch_size=mb_size)
-        keep_residuals = _residuals_fit(spec, costs, stages, index, x_spec, by_id[stage.peer_id]["memory_bytes"], memory)
+        keep_residuals = _residuals_fit(spec, costs, stages, index, x_spec, min(by_id[p]["memory_bytes"] for p in stage.peer_ids), memory)
         bundles.append(export_stage(
             spec.model, stage.start, stage.stop, stage_params, x_spec=x_spec,
             y_spec=jax.ShapeDtypeStruct(y_mb.shape, y_mb.dtype) if is_last else None,
@@ -221,91 +231,105 @@ def _residuals_fit(spec: TrainSpec, costs, stages, index: int, x_spec, peer_memo
 
 
 class _Job:
-    """A job's links to its stage peers and the events they send back."""
+    """A job's links to its stage replicas and the events they send back. Replicas are
+    numbered in `members` order: (stage, replica) for every replica of every stage."""
 
     def __init__(self, job_id, stages, bundles, spec: TrainSpec, config: DriverConfig, transport, nursery):
         self.job_id, self.stages, self.bundles, self.spec, self.config = job_id, stages, bundles, spec, config
         self.transport, self.nursery = transport, nursery
-        self.links: list[Link] = []
-        self.events_send, self.events = trio.open_memory_channel[tuple[int, Frame | None]](
+        self.members = [(index, replica) for index, stage in enumerate(stages)
+                        for replica in range(len(stage.peer_ids))]
+        self.links: dict[tuple[int, int], Link] = {}
+        self.events_send, self.events = trio.open_memory_channel[tuple[tuple[int, int], Frame | None]](
             config.max_event_backlog)
         self.treedefs = [jax.tree_util.tree_structure(spec.params[s.start:s.stop]) for s in stages]
 
+    def link_for(self, stage: int, mb: int) -> Link:
+        """The link to the replica of `stage` that computes micro-batch `mb`."""
+        return self.links[stage, mb % len(self.stages[stage].peer_ids)]
+
     async def load(self) -> None:
-        """Connect to every stage's peer, ship its stage, wait until all are ready."""
+        """Connect to every replica's peer, ship its stage, wait until all are ready."""
         with trio.fail_after(self.config.stage_ready_timeout_s):
-            for stage in self.stages:
-                self.links.append(Link(await self.transport.connect(stage.address, stage.peer_id)))
-            for index, (stage, link) in enumerate(zip(self.stages, self.links)):
-                prev = self.stages[index - 1] if index > 0 else None
-                nxt = self.stages[index + 1] if index + 1 < len(self.stages) else None
-                neighbours = [[n.peer_id, n.address] if n else None for n in (prev, nxt)]
+            for index, replica in self.members:
+                stage = self.stages[index]
+                self.links[index, replica] = Link(await self.transport.connect(
+                    stage.addresses[replica], stage.peer_ids[replica]))
+            for (index, replica), link in self.links.items():
+                stage = self.stages[index]
+                prev = self.stages[index - 1].replicas() if index > 0 else []
+                nxt = self.stages[index + 1].replicas() if index + 1 < len(self.stages) else []
                 leaves = [np.asarray(a) for a in jax.tree_util.tree_leaves(self.spec.params[stage.start:stage.stop])]
                 await link.send(message("load_stage", leaves, job_id=self.job_id, stage=index,
-                                        bundle=self.bundles[index].to_wire(), prev=neighbours[0], next=neighbours[1]))
-            for index, link in enumerate(self.links):
-                self.nursery.start_soon(self._receive, index, link)
+                                        bundle=self.bundles[index].to_wire(), prev=prev, next=nxt,
+                                        replicas=stage.replicas(), replica=replica))
+            for member, link in self.links.items():
+                self.nursery.start_soon(self._receive, member, link)
             ready = set()
-            while len(ready) < len(self.stages):
-                index, msg = await self._next_event()
+            while len(ready) < len(self.members):
+                member, msg = await self._next_event()
                 if msg.kind != "stage_ready":
-                    raise TrainingError(f"stage {index}: unexpected {msg.kind} while loading")
-                ready.add(index)
+                    raise TrainingError(f"stage {member[0]}: unexpected {msg.kind} while loading")
+                ready.add(member)
 
-    async def _receive(self, index: int, link: Link) -> None:
+    async def _receive(self, member: tuple[int, int], link: Link) -> None:
         while (msg := await next_message(link)) is not None:
-            await self.events_send.send((index, msg))
-        await self.events_send.send((index, None))
+            await self.events_send.send((member, msg))
+        await self.events_send.send((member, None))
 
-    async def _next_event(self) -> tuple[int, Frame]:
-        index, msg = await self.events.receive()
+    async def _next_event(self) -> tuple[tuple[int, int], Frame]:
+        member, msg = await self.events.receive()
+        index, replica = member
         stage = self.stages[index]
+        peer = stage.peer_ids[replica][:12]
         if msg is None:
             raise TrainingError(
-                f"lost peer {stage.peer_id[:12]} (stage {index}, layers {stage.start}-{stage.stop}); "
+                f"lost peer {peer} (stage {index}, layers {stage.start}-{stage.stop}); "
                 "recovery from churn is not implemented yet")
         if msg.kind == "job_error":
-            raise TrainingError(f"peer {stage.peer_id[:12]} (stage {index}): {msg.fields['reason']}")
-        return index, msg
+            raise TrainingError(f"peer {peer} (stage {index}): {msg.fields['reason']}")
+        return member, msg
 
     async def run_step(self, step: int) -> float:
         spec = self.spec
         x, y = as_batch(*spec.batches(step))
         xs, ys = split_microbatches(x, spec.microbatches), split_microbatches(y, spec.microbatches)
-        window = MicrobatchWindow(spec.microbatches, self.config.max_in_flight or len(self.stages))
-        first, last = self.links[0], self.links[-1]
+        widest = max(len(s.peer_ids) for s in self.stages)
+        window = MicrobatchWindow(spec.microbatches, self.config.max_in_flight or len(self.stages) * widest)
+        last_stage = len(self.stages) - 1
         losses: dict[int, float] = {}
-        steps_done: set[int] = set()
+        steps_done: set[tuple[int, int]] = set()
         with trio.fail_after(self.config.step_timeout_s):
             while True:
                 for mb in window.admit():
                     ids = dict(job_id=self.job_id, step=step, mb=mb)
-                    await last.send(message("target", [ys[mb]], **ids))
-                    await first.send(message("forward", [xs[mb]], **ids))
-                if window.complete and len(steps_done) == len(self.stages) and len(losses) == spec.microbatches:
+                    await self.link_for(last_stage, mb).send(message("target", [ys[mb]], **ids))
+                    await self.link_for(0, mb).send(message("forward", [xs[mb]], **ids))
+                if window.complete and len(steps_done) == len(self.members) and len(losses) == spec.microbatches:
                     # Mean over micro-batches in index order (DESIGN.md section 3).
                     return float(np.mean([losses[mb] for mb in range(spec.microbatches)]))
-                index, msg = await self._next_event()
-                f = msg.fields
+                member, msg = await self._next_event()
+                index, f = member[0], msg.fields
                 if f.get("step") != step:
                     raise ProtocolError(f"stage {index} sent {msg.kind} for step {f.get('step')} during {step}")
-                if msg.kind == "loss" and index == len(self.stages) - 1:
+                if msg.kind == "loss" and index == last_stage:
                     losses[f["mb"]] = f["value"]
                 elif msg.kind == "backward_done" and index == 0:
                     window.finish(f["mb"])
                 elif msg.kind == "step_done":
-                    steps_done.add(index)
+                    steps_done.add(member)
                 else:
                     raise ProtocolError(f"stage {index} sent unexpected {msg.kind}")
 
     async def fetch_params(self) -> list:
-        """The final parameters of every stage, as one list of per-layer pytrees of numpy arrays."""
-        for link in self.links:
-            await link.send(message("fetch_params", job_id=self.job_id))
+        """The final parameters of every stage (from its first replica; all replicas apply
+        identical updates), as one list of per-layer pytrees of numpy arrays."""
+        for index in range(len(self.stages)):
+            await self.links[index, 0].send(message("fetch_params", job_id=self.job_id))
         by_stage: dict[int, list] = {}
         with trio.fail_after(self.config.step_timeout_s):
             while len(by_stage) < len(self.stages):
-                index, msg = await self._next_event()
+                (index, _), msg = await self._next_event()
                 if msg.kind != "params":
                     raise ProtocolError(f"stage {index} sent {msg.kind} instead of params")
                 leaves = [np.array(a) for a in msg.arrays]   # copy out of the frame buffer
@@ -313,7 +337,7 @@ class _Job:
         return [layer for index in range(len(self.stages)) for layer in by_stage[index]]
 
     async def end(self) -> None:
-        for link in self.links:
+        for link in self.links.values():
             try:
                 await link.send(message("end_job", job_id=self.job_id))
             except LinkClosed:

@@ -4,7 +4,9 @@ A peer runs no code of the submitter: a stage arrives as serialised jax.export p
 arrays (`load_stage`), is checked against the allow-list by `StageRunner.load`, and then
 consumes forward/backward/target messages. Activations go straight to the next stage's
 peer and gradients straight to the previous one; the driver only feeds stage 0, sends
-targets to the last stage and collects losses and acknowledgements.
+targets to the last stage and collects losses and acknowledgements. A stage may be served
+by several replica peers, each computing micro-batches mb with mb % replicas == its index and
+exchanging parameter gradients with the others before the update (see StageRunner).
 """
 
 from __future__ import annotations
@@ -50,25 +52,41 @@ class PeerInfo:
     address: str
 
 
+@dataclass(frozen=True)
 class _Neighbour:
-    """A pipeline neighbour: its id, its address, and the link we use to reach it."""
+    """Another peer of the job: the previous or next stage's replica, or a sibling replica."""
 
-    def __init__(self, peer_id: str, address: str):
-        self.peer_id, self.address = peer_id, address
+    peer_id: str
+    address: str
+
+
+def _neighbours(entries: list) -> list[_Neighbour]:
+    if not all(isinstance(e, list) and len(e) == 2 and all(isinstance(v, str) for v in e) for e in entries):
+        raise ValueError("neighbours must be [peer_id, address] pairs")
+    return [_Neighbour(*e) for e in entries]
 
 
 @dataclass
 class _StageJob:
+    """One stage of one job on this peer. `prev`, `next` and `replicas` list the replicas of
+    the previous stage, the next stage and this stage; micro-batch mb flows through replica
+    mb % len(...) of every stage."""
+
     job_id: str
     stage: int
     runner: StageRunner
     inbox: StageInbox
     driver_id: str
-    prev: _Neighbour | None
-    next: _Neighbour | None
+    prev: list[_Neighbour]
+    next: list[_Neighbour]
+    replicas: list[_Neighbour]
     wakeup: trio.Event = field(default_factory=trio.Event)
-    backwards_done: int = 0
+    own_done: int = 0
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    @staticmethod
+    def route(neighbours: list[_Neighbour], mb: int) -> _Neighbour:
+        return neighbours[mb % len(neighbours)]
 
 
 class Peer:
@@ -130,15 +148,19 @@ class Peer:
         if job is None:
             raise ProtocolError(f"{kind} for unknown job {f.get('job_id')!r}")
         if kind == "forward":
-            self._expect_sender(job, link, job.driver_id if job.stage == 0 else job.prev and job.prev.peer_id)
+            sender = job.route(job.prev, f["mb"]).peer_id if job.prev else job.driver_id
+            self._expect_sender(job, link, sender)
             job.inbox.add_forward(f["step"], f["mb"], self._checked(msg, job.runner.in_shape, job.runner.in_dtype, "forward"))
         elif kind == "target":
             self._expect_sender(job, link, job.driver_id)
             job.inbox.add_target(f["step"], f["mb"], self._checked(
                 msg, job.runner.target_shape, job.runner.target_dtype, "target"))
         elif kind == "backward":
-            self._expect_sender(job, link, job.next and job.next.peer_id)
+            self._expect_sender(job, link, job.route(job.next, f["mb"]).peer_id if job.next else None)
             job.inbox.add_backward(f["step"], f["mb"], self._checked(msg, job.runner.out_shape, job.runner.out_dtype, "backward"))
+        elif kind == "grads":
+            self._expect_sender(job, link, job.route(job.replicas, f["mb"]).peer_id)
+            job.inbox.add_grads(f["step"], f["mb"], list(msg.arrays))
         elif kind == "fetch_params":
             self._expect_sender(job, link, job.driver_id)
             leaves = await self._compute(job.runner.params_leaves)
@@ -174,13 +196,17 @@ class Peer:
             bundle = StageBundle.from_wire(f["bundle"])
             runner = await self._compute(
                 lambda: StageRunner.load(bundle, list(msg.arrays), limits=self.config.limits))
-            prev, nxt = (_Neighbour(*n) if n is not None else None for n in (f["prev"], f["next"]))
+            prev, nxt, replicas = (_neighbours(f[k]) for k in ("prev", "next", "replicas"))
+            if not 0 <= f["replica"] < len(replicas) or replicas[f["replica"]].peer_id != self.transport.peer_id:
+                raise ValueError("this peer is not the replica it was assigned")
+            runner.share_grads = len(replicas) > 1
         except Exception as exc:  # noqa: BLE001 - hostile or broken programs are rejected, never fatal
             log.warning("rejected stage %d of job %s: %s", f["stage"], job_id, exc)
             await link.send(message("job_error", job_id=job_id, reason=f"stage rejected: {exc}"))
             return
-        inbox = StageInbox(bundle.microbatches, bundle.is_last, capacity=self.config.max_inbox_items)
-        job = _StageJob(job_id, f["stage"], runner, inbox, link.remote_peer_id, prev, nxt)
+        inbox = StageInbox(bundle.microbatches, bundle.is_last, capacity=self.config.max_inbox_items,
+                           replica=f["replica"], replicas=len(replicas))
+        job = _StageJob(job_id, f["stage"], runner, inbox, link.remote_peer_id, prev, nxt, replicas)
         self.jobs[job_id] = job
         self.nursery.start_soon(self._run_job, job)
         log.info("serving stage %d of job %s", job.stage, job_id)
@@ -231,24 +257,40 @@ class Peer:
         runner = job.runner
         if task.kind == "forward":
             y = await self._compute(lambda: runner.forward(task.mb, task.x))
-            await (await self._neighbour(job.next)).send(message("forward", [y], **ids))
+            await (await self._neighbour(job.route(job.next, task.mb))).send(message("forward", [y], **ids))
             return
-        if task.kind == "last":
-            loss, grad_in = await self._compute(lambda: runner.last(task.mb, task.x, task.y))
-            await (await self.link_to_driver(job)).send(message("loss", value=float(loss), **ids))
+        if task.kind == "grads":
+            await self._compute(lambda: runner.add_grads(task.mb, task.grad))
         else:
-            grad_in = await self._compute(lambda: runner.backward(task.mb, task.grad))
-        if job.prev is not None:
-            await (await self._neighbour(job.prev)).send(message("backward", [grad_in], **ids))
-        else:
-            await (await self.link_to_driver(job)).send(message("backward_done", **ids))
-        job.backwards_done += 1
-        if job.backwards_done == job.inbox.microbatches:
+            if task.kind == "last":
+                loss, grad_in = await self._compute(lambda: runner.last(task.mb, task.x, task.y))
+                await (await self.link_to_driver(job)).send(message("loss", value=float(loss), **ids))
+            else:
+                grad_in = await self._compute(lambda: runner.backward(task.mb, task.grad))
+            if job.prev:
+                await (await self._neighbour(job.route(job.prev, task.mb))).send(
+                    message("backward", [grad_in], **ids))
+            else:
+                await (await self.link_to_driver(job)).send(message("backward_done", **ids))
+            job.own_done += 1
+            if job.own_done == len(job.inbox.owned()):
+                await self._share_grads(job, task.step)
+        if len(runner.completed_microbatches) == job.inbox.microbatches:
             await self._compute(runner.apply_update)
-            job.backwards_done = 0
+            job.own_done = 0
             job.inbox.next_step()
             await (await self.link_to_driver(job)).send(
                 message("step_done", job_id=job.job_id, step=task.step))
+
+    async def _share_grads(self, job: _StageJob, step: int) -> None:
+        """Send this replica's micro-batch gradients to the stage's other replicas."""
+        shared = job.runner.take_shared_grads()
+        for sibling in job.replicas:
+            if sibling.peer_id == self.transport.peer_id:
+                continue
+            link = await self._neighbour(sibling)
+            for mb, leaves in shared.items():
+                await link.send(message("grads", leaves, job_id=job.job_id, step=step, mb=mb))
 
     async def _neighbour(self, neighbour: _Neighbour) -> Link:
         return await self.link_to(neighbour.peer_id, neighbour.address)

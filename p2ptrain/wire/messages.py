@@ -11,7 +11,8 @@ Conversations:
   driver -> bootstrap: job_update (shown by `p2ptrain status`)
   driver -> peer:      load_stage -> stage_ready | job_error;  forward (stage 0), target (last stage);
                        fetch_params -> params;  end_job
-  peer -> peer:        forward (stage s to s+1), backward (stage s to s-1)
+  peer -> peer:        forward (stage s to s+1), backward (stage s to s-1),
+                       grads (between replicas of one stage)
   peer -> driver:      loss (last stage), backward_done (stage 0), step_done (every stage), job_error
 """
 
@@ -41,8 +42,8 @@ SCHEMAS: dict[str, tuple[dict[str, type | tuple[type, ...]], int | None]] = {
     "directory": ({"peers": list}, 0),
     "job_update": ({"job_id": str, "state": str, "step": int, "steps": int, "stages": list}, 0),
     "error": ({"reason": str}, 0),
-    "load_stage": ({"job_id": str, "stage": int, "bundle": dict, "prev": (list, type(None)),
-                    "next": (list, type(None))}, None),
+    "load_stage": ({"job_id": str, "stage": int, "bundle": dict, "prev": list, "next": list,
+                    "replicas": list, "replica": int}, None),
     "stage_ready": ({"job_id": str, "stage": int}, 0),
     "job_error": ({"job_id": str, "reason": str}, 0),
     "forward": ({"job_id": str, "step": int, "mb": int}, 1),
@@ -51,6 +52,7 @@ SCHEMAS: dict[str, tuple[dict[str, type | tuple[type, ...]], int | None]] = {
     "loss": ({"job_id": str, "step": int, "mb": int, "value": float}, 0),
     "backward_done": ({"job_id": str, "step": int, "mb": int}, 0),
     "step_done": ({"job_id": str, "step": int}, 0),
+    "grads": ({"job_id": str, "step": int, "mb": int}, None),
     "fetch_params": ({"job_id": str}, 0),
     "params": ({"job_id": str, "stage": int}, None),
     "end_job": ({"job_id": str}, 0),
