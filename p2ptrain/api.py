@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -25,6 +26,9 @@ async def train_async(
     bootstrap: str,
     seed: int = 0,
     progress: bool = True,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
     transport: Transport | None = None,
     config: DriverConfig = DriverConfig(),
 ) -> TrainResult:
@@ -41,9 +45,16 @@ async def train_async(
         from .transport.tcp_tls import TlsTransport
 
         transport = TlsTransport(Identity.load_or_create(None))
-    spec = TrainSpec(model, batches, loss, optimizer, steps, microbatches, list(params))
-    with _progress(steps, enabled=progress) as (on_plan, on_step):
-        return await run_training(transport, bootstrap, spec, config, on_step=on_step, on_plan=on_plan)
+    spec = TrainSpec(model, batches, loss, optimizer, steps, microbatches, list(params),
+                     state_dir=Path(state_dir) if state_dir is not None else None, resume=resume)
+    with _progress(steps, enabled=progress) as (on_plan, show_step):
+        def step_done(step: int, loss_value: float, samples_per_s: float) -> None:
+            if show_step is not None:
+                show_step(step, loss_value, samples_per_s)
+            if on_step is not None:
+                on_step(step, loss_value)
+
+        return await run_training(transport, bootstrap, spec, config, on_step=step_done, on_plan=on_plan)
 
 
 def train(model: Sequential, batches, **kwargs) -> TrainResult:
@@ -52,7 +63,11 @@ def train(model: Sequential, batches, **kwargs) -> TrainResult:
     At step t, `(x, y) = batches(t)`; x and y are split along axis 0 into `microbatches`
     equal chunks; the step loss is the mean over chunks of `loss(model(x_i), y_i)` and its
     gradient is applied once per step with `optimizer`. The result equals single-process
-    JAX training with the same data, to float32 rounding.
+    JAX training with the same data, to float32 rounding, also when peers leave mid-run:
+    the driver snapshots the state every few steps (to `state_dir` too, if given), re-plans
+    on the peers left and replays the steps since the snapshot. `resume=True` continues from
+    the checkpoint in `state_dir` after a driver crash. `on_step(step, loss)` is called after
+    each committed step (replayed steps are reported again).
     """
     return trio.run(lambda: train_async(model, batches, **kwargs))
 
@@ -72,7 +87,9 @@ def _progress(steps: int, *, enabled: bool):
                    TimeElapsedColumn(), console=console)
     task = bar.add_task("train", total=steps, loss=float("nan"), rate=0.0)
 
-    def on_plan(stages: list[StageAssignment]) -> None:
+    def on_plan(stages: list[StageAssignment], epoch: int) -> None:
+        if epoch:
+            console.print(f"re-planned after a failure or a join (epoch {epoch}):")
         for index, s in enumerate(stages):
             peers = ", ".join(f"{p[:12]} at {a}" for p, a in zip(s.peer_ids, s.addresses))
             console.print(f"stage {index}: layers {s.start}-{s.stop - 1} -> {peers}")

@@ -196,7 +196,7 @@ async def _status(args) -> int:
     print(f"{len(status['jobs'])} jobs")
     for j in status["jobs"]:
         stages = ", ".join(f"{a}-{b - 1}@{'+'.join(p[:8] for p in peers)}" for a, b, peers in j["stages"])
-        print(f"  {j['job_id']}  {j['state']:<9} step {j['step']}/{j['steps']}  stages {stages}")
+        print(f"  {j['job_id']}  {j['state']:<9} epoch {j['epoch']}  step {j['step']}/{j['steps']}  stages {stages}")
     return 0
 
 

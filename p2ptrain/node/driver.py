@@ -1,19 +1,30 @@
 """The driver: the process that called `train`. It plans, ships stages to peers, feeds the
-pipeline, and gathers the final parameters. Data never leaves it except as micro-batch
-inputs to stage 0 and targets to the last stage (DESIGN.md section 3).
+pipeline, gathers the final parameters, and recovers from peers that vanish. Data never
+leaves it except as micro-batch inputs to stage 0 and targets to the last stage
+(DESIGN.md section 3).
 
 Step protocol (a synchronous pipeline flush per step, so every step applies exactly one
 optimizer update computed from all its micro-batches):
   1. admit up to `window` micro-batches: `forward` to stage 0 and `target` to the last stage;
   2. each `backward_done` from stage 0 frees a slot for the next micro-batch;
-  3. the step ends when every stage has sent `step_done` (it applied its update) and the
-     last stage has sent one `loss` per micro-batch.
+  3. the step ends when every replica of every stage has sent `step_done` (it applied its
+     update) and the last stage has sent one `loss` per micro-batch.
+
+Recovery (nothing is lost): every `snapshot_every_steps` steps the driver fetches each
+stage's parameters and optimizer state (a `Snapshot`, also written to `state_dir`). When a
+peer is lost, the job's epoch ends: the survivors drop it, the driver re-plans on the live
+peers (`planner.replan`), loads the stages from the last snapshot and replays the steps
+since. Training is a deterministic function of the snapshot and `batches(step)`, so the
+replayed steps recompute exactly what was lost, and the final parameters equal those of a
+run without failures. Messages of an ended epoch carry its job id and are dropped.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -21,11 +32,14 @@ import numpy as np
 import trio
 
 from .. import planner
-from ..compute import Sequential, export_stage, profile_layers, residual_bytes_per_sample
+from ..compute import (Sequential, export_stage, opt_state_leaf_counts, profile_layers,
+                       residual_bytes_per_sample)
 from ..core.schedule import MicrobatchWindow, split_microbatches
-from ..transport.base import Transport
+from ..transport.base import Transport, TransportError
 from ..wire.codec import Frame
 from ..wire.messages import ProtocolError, message
+from . import checkpoint
+from .checkpoint import Snapshot
 from .groups import sole_error
 from .link import Link, LinkClosed
 from .session import next_message, request
@@ -35,6 +49,14 @@ log = logging.getLogger("p2ptrain.driver")
 
 class TrainingError(Exception):
     """Training could not start or could not go on; the message says why in one line."""
+
+
+class PeerLost(Exception):
+    """A peer of the running job vanished or failed its stage: the epoch must end."""
+
+    def __init__(self, peer_id: str, why: str):
+        super().__init__(f"peer {peer_id[:12]}: {why}")
+        self.peer_id = peer_id
 
 
 @dataclass(frozen=True)
@@ -49,6 +71,8 @@ class TrainSpec:
     microbatches: int
     params: list
     state_factor: float = 4.0
+    state_dir: Path | None = None   # where checkpoints go; None keeps them in memory only
+    resume: bool = False            # start from the checkpoint in state_dir
 
 
 @dataclass(frozen=True)
@@ -56,7 +80,15 @@ class DriverConfig:
     stage_ready_timeout_s: float = 120.0
     step_timeout_s: float = 120.0
     max_event_backlog: int = 1024
-    max_in_flight: int | None = None   # None: one micro-batch per stage (1F1B)
+    max_in_flight: int | None = None   # None: one micro-batch per stage replica (1F1B)
+    # Snapshot period in steps; None picks it so that fetching the state costs at most
+    # `snapshot_overhead` of the training time (see `_snapshot_period`).
+    snapshot_every_steps: int | None = None
+    snapshot_overhead: float = 0.05
+    wait_for_peers_s: float = 60.0     # after a failure, how long to wait for enough peers
+    max_recoveries: int = 100
+    # A peer that joins is taken in at the next snapshot if a fresh plan is this much faster.
+    rebalance_gain: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -79,14 +111,28 @@ class StageAssignment:
         return [[p, a] for p, a in zip(self.peer_ids, self.addresses)]
 
 
+@dataclass(frozen=True)
+class Recovery:
+    """One failure and what it cost."""
+
+    epoch: int            # the epoch that ended
+    peer_id: str          # the peer lost
+    reason: str
+    failed_at_step: int   # the step in progress
+    resumed_from_step: int
+    seconds: float        # from the failure being noticed to the next committed step
+
+
 @dataclass
 class TrainResult:
     params: list
     losses: list[float]
-    stages: list[StageAssignment]
+    stages: list[StageAssignment]   # the final epoch's stages
     plan: planner.Plan
     step_times_s: list[float] = field(default_factory=list)
     samples_per_step: int = 0
+    recoveries: list[Recovery] = field(default_factory=list)
+    epochs: int = 1
 
     @property
     def samples_per_s(self) -> float:
@@ -95,6 +141,7 @@ class TrainResult:
 
 
 StepCallback = Callable[[int, float, float], None]   # (step, loss, samples_per_s)
+PlanCallback = Callable[[list[StageAssignment], int], None]   # (stages, epoch)
 
 
 def as_batch(x, y) -> tuple[np.ndarray, np.ndarray]:
@@ -111,100 +158,235 @@ async def run_training(
     spec: TrainSpec,
     config: DriverConfig = DriverConfig(),
     on_step: StepCallback | None = None,
-    on_plan: Callable[[list[StageAssignment]], None] | None = None,
+    on_plan: PlanCallback | None = None,
 ) -> TrainResult:
     """Train `spec` on the swarm behind `bootstrap`. Raises planner.Infeasible when the
-    swarm cannot hold the model, TrainingError when a peer refuses or vanishes."""
+    swarm cannot hold the model at the start, TrainingError when it cannot go on (peers
+    refuse the stage, or too few peers are left for longer than `wait_for_peers_s`)."""
     directory = Link(await transport.connect(bootstrap))
     try:
-        peers = (await request(directory, message("directory_request"), "directory")).fields["peers"]
-        stages, the_plan, bundles = _plan_job(spec, peers)
-        if on_plan is not None:
-            on_plan(stages)
-        try:
-            async with trio.open_nursery() as nursery:
-                job = _Job(f"job-{transport.peer_id[:12]}", stages, bundles, spec, config, transport, nursery)
-                try:
-                    params, losses, step_times = await _run_job(job, directory, on_step)
-                except BaseException:
-                    with trio.CancelScope(shield=True), trio.move_on_after(2):
-                        await _report(directory, job, "failed", 0)
-                    raise
-                nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            raise sole_error(group) from None
+        driver = _Driver(transport, directory, spec, config, on_step, on_plan)
+        return await driver.run()
     finally:
         with trio.CancelScope(shield=True):
             await directory.aclose()
-    x0, _ = spec.batches(0)
-    return TrainResult(params, losses, stages, the_plan, step_times, samples_per_step=len(x0))
 
 
-async def _run_job(job: "_Job", directory: Link, on_step: StepCallback | None):
-    spec = job.spec
-    await _report(directory, job, "loading", 0)
-    await job.load()
-    await _report(directory, job, "training", 0)
-    losses, step_times = [], []
-    for step in range(spec.steps):
-        start = trio.current_time()
-        losses.append(await job.run_step(step))
-        step_times.append(trio.current_time() - start)
-        if on_step is not None:
-            on_step(step, losses[-1], _samples_per_s(spec, step_times))
-        await _report(directory, job, "training", step + 1)
-    params = await job.fetch_params()
-    await job.end()
-    await _report(directory, job, "finished", spec.steps)
-    return params, losses, step_times
+class _Driver:
+    """The epochs of one training run: plan, load from a snapshot, train, and on a lost
+    peer, start the next epoch."""
+
+    def __init__(self, transport, directory: Link, spec: TrainSpec, config: DriverConfig,
+                 on_step: StepCallback | None, on_plan: PlanCallback | None):
+        self.transport, self.directory, self.spec, self.config = transport, directory, spec, config
+        self.on_step, self.on_plan = on_step, on_plan
+        self.job_base = f"job-{transport.peer_id[:12]}"
+        self.opt_counts = [n for layer in spec.params
+                           for n in opt_state_leaf_counts(spec.optimizer, [layer])]
+        self.fingerprint = checkpoint.fingerprint(spec.params, self.opt_counts, spec.microbatches)
+        self.dead: set[str] = set()
+        self.step_times: list[float] = []
+        self.recoveries: list[Recovery] = []
+        self.shapes = _shapes(spec)
+        self.samples_per_step = self.shapes.batch_size
+        self.costs = profile_layers(spec.model, spec.params, self.shapes.x_mb)
+
+    async def run(self) -> TrainResult:
+        spec = self.spec
+        snapshot = Snapshot(0, list(spec.params), None, ())
+        if spec.resume:
+            if spec.state_dir is None:
+                raise ValueError("resume=True needs a state_dir")
+            snapshot = checkpoint.load(spec.state_dir, spec.params, self.opt_counts, self.fingerprint)
+            log.info("resuming from the checkpoint at step %d", snapshot.step)
+        epoch, previous, pending = 0, None, None
+        while True:
+            peers = await self._live_peers(wait=epoch > 0)
+            stages, the_plan, bundles = self._plan(peers, previous)
+            in_use = {p for s in stages for p in s.peer_ids}
+            self.min_bandwidth = min(p["bandwidth_bytes_per_s"] for p in peers if p["peer_id"] in in_use)
+            if self.on_plan is not None:
+                self.on_plan(stages, epoch)
+            try:
+                snapshot, done = await self._run_epoch(epoch, stages, the_plan, bundles, snapshot, pending)
+            except PeerLost as lost:
+                if len(self.recoveries) >= self.config.max_recoveries:
+                    raise TrainingError(f"giving up after {len(self.recoveries)} recoveries: {lost}") from None
+                log.warning("epoch %d ended: %s; resuming from step %d", epoch, lost, snapshot.step)
+                self.dead.add(lost.peer_id)
+                pending = (epoch, lost, trio.current_time())
+            else:
+                pending = None
+                if done:
+                    return TrainResult(snapshot.params, list(snapshot.losses), stages, the_plan,
+                                       self.step_times, self.samples_per_step, self.recoveries, epoch + 1)
+            epoch, previous = epoch + 1, the_plan
+
+    async def _live_peers(self, *, wait: bool) -> list[dict]:
+        """Live peers from the directory, minus those this run saw fail. After a failure
+        (`wait`), waits up to `wait_for_peers_s` for enough peers to hold the model."""
+        deadline = trio.current_time() + self.config.wait_for_peers_s
+        while True:
+            reply = await request(self.directory, message("directory_request"), "directory")
+            peers = [p for p in reply.fields["peers"] if p["peer_id"] not in self.dead]
+            if not wait:
+                return peers
+            try:
+                planner.plan(self.costs, _peer_specs(peers), state_factor=self.spec.state_factor,
+                             **self.shapes.sizes)
+                return peers
+            except (planner.Infeasible, TrainingError) as exc:
+                if trio.current_time() >= deadline:
+                    where = f"; the last checkpoint is in {self.spec.state_dir}" if self.spec.state_dir else ""
+                    raise TrainingError(
+                        f"the swarm can no longer hold the model and no peers came in "
+                        f"{self.config.wait_for_peers_s:.0f} s: {exc}{where}") from None
+            await trio.sleep(1.0)
+
+    def _plan(self, peers: list[dict], previous: planner.Plan | None):
+        return _plan_job(self.spec, self.costs, self.shapes, peers, previous)
+
+    async def _run_epoch(self, epoch, stages, the_plan, bundles, snapshot: Snapshot, pending):
+        """Train from `snapshot` until done, a rebalance, or a lost peer (PeerLost).
+        Returns (latest snapshot, whether training is complete)."""
+        spec, config = self.spec, self.config
+        try:
+            async with trio.open_nursery() as nursery:
+                job = _Job(f"{self.job_base}-e{epoch}", stages, the_plan, bundles, spec, config,
+                           self.transport, nursery)
+                try:
+                    result = await self._train(job, epoch, snapshot, pending)
+                except BaseException:
+                    with trio.CancelScope(shield=True), trio.move_on_after(2):
+                        await job.end()
+                        await _report(self.directory, job, epoch, "failed", snapshot.step)
+                    raise
+                nursery.cancel_scope.cancel()
+                return result
+        except BaseExceptionGroup as group:
+            raise sole_error(group) from None
+
+    async def _train(self, job: "_Job", epoch: int, snapshot: Snapshot, pending):
+        spec = self.spec
+        await _report(self.directory, job, epoch, "loading", snapshot.step)
+        await job.load(snapshot)
+        losses = list(snapshot.losses[:snapshot.step])
+        period = self.config.snapshot_every_steps
+        step = snapshot.step
+        while step < spec.steps:
+            start = trio.current_time()
+            losses.append(await job.run_step(step))
+            step += 1
+            self.step_times.append(trio.current_time() - start)
+            if pending is not None:
+                failed_epoch, lost, noticed_at = pending
+                self.recoveries.append(Recovery(failed_epoch, lost.peer_id, str(lost), -1, snapshot.step,
+                                                trio.current_time() - noticed_at))
+                pending = None
+            if self.on_step is not None:
+                self.on_step(step - 1, losses[-1], _samples_per_s(self.samples_per_step, self.step_times))
+            await _report(self.directory, job, epoch, "training", step)
+            if period is None:
+                period = self._snapshot_period(self.step_times[-1])
+            if step % period == 0 or step == spec.steps:
+                snapshot = await job.snapshot(step, losses, self.opt_counts)
+                if spec.state_dir is not None:
+                    checkpoint.save(spec.state_dir, snapshot, self.fingerprint)
+                if step < spec.steps and await self._should_rebalance(job):
+                    await job.end()
+                    return snapshot, False
+        await job.end()
+        await _report(self.directory, job, epoch, "finished", step)
+        return snapshot, True
+
+    def _snapshot_period(self, step_time_s: float) -> int:
+        """Steps between snapshots so that fetching the state costs about
+        `snapshot_overhead` of the training time. The state (params plus optimizer state,
+        taken as 3x the params: Adam's two moments) crosses the slowest link in use once per
+        period; a shorter period means fewer steps to replay after a failure."""
+        state_bytes = 3 * sum(c.param_bytes for c in self.costs)
+        fetch_s = state_bytes / max(self.min_bandwidth, 1.0)
+        return max(1, math.ceil(fetch_s / max(self.config.snapshot_overhead * step_time_s, 1e-9)))
+
+    async def _should_rebalance(self, job: "_Job") -> bool:
+        """Whether peers that joined since the plan would make steps `rebalance_gain` faster."""
+        reply = await request(self.directory, message("directory_request"), "directory")
+        peers = [p for p in reply.fields["peers"] if p["peer_id"] not in self.dead]
+        in_use = {p for s in job.stages for p in s.peer_ids}
+        if {p["peer_id"] for p in peers} <= in_use:
+            return False
+        specs, sizes = _peer_specs(peers), self.shapes.sizes
+        current = planner.step_time(job.plan, self.costs, specs, **sizes)
+        fresh = planner.plan(self.costs, specs, state_factor=self.spec.state_factor, **sizes)
+        return planner.step_time(fresh, self.costs, specs, **sizes) < (1 - self.config.rebalance_gain) * current
 
 
-def _samples_per_s(spec: TrainSpec, step_times: list[float]) -> float:
+def _samples_per_s(samples_per_step: int, step_times: list[float]) -> float:
     recent = step_times[-10:]
-    x0, _ = spec.batches(0)
-    return len(x0) * len(recent) / sum(recent) if sum(recent) > 0 else 0.0
+    return samples_per_step * len(recent) / sum(recent) if sum(recent) > 0 else 0.0
 
 
-async def _report(directory: Link, job: "_Job", state: str, step: int) -> None:
+async def _report(directory: Link, job: "_Job", epoch: int, state: str, step: int) -> None:
     """Tell the bootstrap how the job stands (best effort: `status` is informational)."""
     stages = [[s.start, s.stop, list(s.peer_ids)] for s in job.stages]
     try:
-        await directory.send(message("job_update", job_id=job.job_id, state=state,
+        await directory.send(message("job_update", job_id=job.job_id, state=state, epoch=epoch,
                                      step=step, steps=job.spec.steps, stages=stages))
     except LinkClosed:
         pass
 
 
-def _plan_job(spec: TrainSpec, peers: list[dict]):
-    """Profile the model, plan it onto `peers`, export each stage. Pure compute, no I/O."""
+@dataclass(frozen=True)
+class _Shapes:
+    """The per-step sizes the planner and the stage export need, from batches(0)."""
+
+    x_mb: np.ndarray
+    y_mb: np.ndarray
+    batch_size: int
+
+    @property
+    def sizes(self) -> dict:
+        return dict(in_bytes=self.x_mb[0].nbytes, batch_size=self.batch_size,
+                    microbatch_size=len(self.x_mb))
+
+
+def _shapes(spec: TrainSpec) -> _Shapes:
+    x0, y0 = as_batch(*spec.batches(0))
+    if len(x0) % spec.microbatches:
+        raise ValueError(f"batch size {len(x0)} is not divisible by microbatches={spec.microbatches}")
+    mb_size = len(x0) // spec.microbatches
+    return _Shapes(x0[:mb_size], y0[:mb_size], len(x0))
+
+
+def _peer_specs(peers: list[dict]) -> list[planner.PeerSpec]:
     if not peers:
         raise TrainingError("no live peers in the swarm: start some with `p2ptrain join`")
-    x0, y0 = as_batch(*spec.batches(0))
-    batch_size = x0.shape[0]
-    if batch_size % spec.microbatches:
-        raise ValueError(f"batch size {batch_size} is not divisible by microbatches={spec.microbatches}")
-    mb_size = batch_size // spec.microbatches
-    x_mb, y_mb = x0[:mb_size], y0[:mb_size]
-    costs = profile_layers(spec.model, spec.params, x_mb)
-    specs = [planner.PeerSpec(p["peer_id"], p["memory_bytes"], p["flops_per_s"], p["bandwidth_bytes_per_s"])
-             for p in peers]
-    the_plan = planner.plan(costs, specs, in_bytes=x0[0].nbytes, batch_size=batch_size,
-                            microbatch_size=mb_size, state_factor=spec.state_factor)
+    return [planner.PeerSpec(p["peer_id"], p["memory_bytes"], p["flops_per_s"], p["bandwidth_bytes_per_s"])
+            for p in peers]
+
+
+def _plan_job(spec: TrainSpec, costs, shapes: _Shapes, peers: list[dict], previous: planner.Plan | None):
+    """Plan the model onto `peers` (re-planning from `previous` after churn, which keeps
+    stages in place where it can) and export each stage. Pure compute, no I/O."""
+    specs = _peer_specs(peers)
+    if previous is None:
+        the_plan = planner.plan(costs, specs, state_factor=spec.state_factor, **shapes.sizes)
+    else:
+        the_plan = planner.replan(previous, costs, specs, state_factor=spec.state_factor, **shapes.sizes).plan
     by_id = {p["peer_id"]: p for p in peers}
     stages = [StageAssignment(s.start, s.stop, tuple(s.peers), tuple(by_id[p]["address"] for p in s.peers))
               for s in the_plan.stages]
     bundles = []
-    x_spec = jax.ShapeDtypeStruct(x_mb.shape, x_mb.dtype)
+    x_spec = jax.ShapeDtypeStruct(shapes.x_mb.shape, shapes.x_mb.dtype)
     for index, stage in enumerate(stages):
         is_last = index == len(stages) - 1
         stage_params = spec.params[stage.start:stage.stop]
-        memory = dict(in_bytes=x0[0].nbytes, batch_size=batch_size, microbatch_size=mb_size)
-        keep_residuals = _residuals_fit(spec, costs, stages, index, x_spec, min(by_id[p]["memory_bytes"] for p in stage.peer_ids), memory)
+        memory_bytes = min(by_id[p]["memory_bytes"] for p in stage.peer_ids)
         bundles.append(export_stage(
             spec.model, stage.start, stage.stop, stage_params, x_spec=x_spec,
-            y_spec=jax.ShapeDtypeStruct(y_mb.shape, y_mb.dtype) if is_last else None,
-            loss=spec.loss, optimizer=spec.optimizer, microbatches=spec.microbatches,
-            is_last=is_last, keep_residuals=keep_residuals))
+            y_spec=jax.ShapeDtypeStruct(shapes.y_mb.shape, shapes.y_mb.dtype) if is_last else None,
+            loss=spec.loss, optimizer=spec.optimizer, microbatches=spec.microbatches, is_last=is_last,
+            keep_residuals=_residuals_fit(spec, costs, stages, index, x_spec, memory_bytes, shapes.sizes)))
         out = jax.eval_shape(lambda p, x: spec.model.apply_range(p, x, stage.start, stage.stop),
                              stage_params, x_spec)
         x_spec = jax.ShapeDtypeStruct(out.shape, out.dtype)
@@ -234,8 +416,9 @@ class _Job:
     """A job's links to its stage replicas and the events they send back. Replicas are
     numbered in `members` order: (stage, replica) for every replica of every stage."""
 
-    def __init__(self, job_id, stages, bundles, spec: TrainSpec, config: DriverConfig, transport, nursery):
-        self.job_id, self.stages, self.bundles, self.spec, self.config = job_id, stages, bundles, spec, config
+    def __init__(self, job_id, stages, the_plan, bundles, spec: TrainSpec, config: DriverConfig, transport, nursery):
+        self.job_id, self.stages, self.plan, self.bundles = job_id, stages, the_plan, bundles
+        self.spec, self.config = spec, config
         self.transport, self.nursery = transport, nursery
         self.members = [(index, replica) for index, stage in enumerate(stages)
                         for replica in range(len(stage.peer_ids))]
@@ -244,30 +427,52 @@ class _Job:
             config.max_event_backlog)
         self.treedefs = [jax.tree_util.tree_structure(spec.params[s.start:s.stop]) for s in stages]
 
-    def link_for(self, stage: int, mb: int) -> Link:
-        """The link to the replica of `stage` that computes micro-batch `mb`."""
-        return self.links[stage, mb % len(self.stages[stage].peer_ids)]
+    def link_for(self, stage: int, mb: int) -> tuple[tuple[int, int], Link]:
+        """The replica of `stage` that computes micro-batch `mb`, and the link to it."""
+        member = (stage, mb % len(self.stages[stage].peer_ids))
+        return member, self.links[member]
 
-    async def load(self) -> None:
-        """Connect to every replica's peer, ship its stage, wait until all are ready."""
+    def peer_of(self, member: tuple[int, int]) -> str:
+        return self.stages[member[0]].peer_ids[member[1]]
+
+    async def send(self, member: tuple[int, int], frame: Frame) -> None:
+        try:
+            await self.links[member].send(frame)
+        except LinkClosed:
+            raise PeerLost(self.peer_of(member), "link closed") from None
+
+    async def load(self, snapshot: Snapshot) -> None:
+        """Connect to every replica's peer, ship its stage with the state of `snapshot`,
+        wait until all are ready."""
         with trio.fail_after(self.config.stage_ready_timeout_s):
-            for index, replica in self.members:
-                stage = self.stages[index]
-                self.links[index, replica] = Link(await self.transport.connect(
-                    stage.addresses[replica], stage.peer_ids[replica]))
-            for (index, replica), link in self.links.items():
+            for member in self.members:
+                stage = self.stages[member[0]]
+                try:
+                    self.links[member] = Link(await self.transport.connect(
+                        stage.addresses[member[1]], stage.peer_ids[member[1]]))
+                except TransportError as exc:
+                    raise PeerLost(self.peer_of(member), str(exc)) from None
+            for member in self.members:
+                index, replica = member
                 stage = self.stages[index]
                 prev = self.stages[index - 1].replicas() if index > 0 else []
                 nxt = self.stages[index + 1].replicas() if index + 1 < len(self.stages) else []
-                leaves = [np.asarray(a) for a in jax.tree_util.tree_leaves(self.spec.params[stage.start:stage.stop])]
-                await link.send(message("load_stage", leaves, job_id=self.job_id, stage=index,
-                                        bundle=self.bundles[index].to_wire(), prev=prev, next=nxt,
-                                        replicas=stage.replicas(), replica=replica))
+                params = [np.asarray(a) for a in jax.tree_util.tree_leaves(snapshot.params[stage.start:stage.stop])]
+                opt_state = [a for layer in (snapshot.opt_state or [])[stage.start:stage.stop] for a in layer]
+                await self.send(member, message(
+                    "load_stage", params + opt_state, job_id=self.job_id, stage=index,
+                    bundle=self.bundles[index].to_wire(), prev=prev, next=nxt, replicas=stage.replicas(),
+                    replica=replica, n_params=len(params), step=snapshot.step))
             for member, link in self.links.items():
                 self.nursery.start_soon(self._receive, member, link)
             ready = set()
             while len(ready) < len(self.members):
-                member, msg = await self._next_event()
+                try:
+                    member, msg = await self._next_event()
+                except PeerLost as lost:
+                    if "stage rejected" in str(lost):
+                        raise TrainingError(str(lost)) from None   # would be rejected again
+                    raise
                 if msg.kind != "stage_ready":
                     raise TrainingError(f"stage {member[0]}: unexpected {msg.kind} while loading")
                 ready.add(member)
@@ -279,15 +484,12 @@ class _Job:
 
     async def _next_event(self) -> tuple[tuple[int, int], Frame]:
         member, msg = await self.events.receive()
-        index, replica = member
-        stage = self.stages[index]
-        peer = stage.peer_ids[replica][:12]
+        stage = self.stages[member[0]]
+        where = f"stage {member[0]}, layers {stage.start}-{stage.stop - 1}"
         if msg is None:
-            raise TrainingError(
-                f"lost peer {peer} (stage {index}, layers {stage.start}-{stage.stop}); "
-                "recovery from churn is not implemented yet")
+            raise PeerLost(self.peer_of(member), f"connection lost ({where})")
         if msg.kind == "job_error":
-            raise TrainingError(f"peer {peer} (stage {index}): {msg.fields['reason']}")
+            raise PeerLost(self.peer_of(member), f"{msg.fields['reason']} ({where})")
         return member, msg
 
     async def run_step(self, step: int) -> float:
@@ -303,8 +505,8 @@ class _Job:
             while True:
                 for mb in window.admit():
                     ids = dict(job_id=self.job_id, step=step, mb=mb)
-                    await self.link_for(last_stage, mb).send(message("target", [ys[mb]], **ids))
-                    await self.link_for(0, mb).send(message("forward", [xs[mb]], **ids))
+                    await self.send(self.link_for(last_stage, mb)[0], message("target", [ys[mb]], **ids))
+                    await self.send(self.link_for(0, mb)[0], message("forward", [xs[mb]], **ids))
                 if window.complete and len(steps_done) == len(self.members) and len(losses) == spec.microbatches:
                     # Mean over micro-batches in index order (DESIGN.md section 3).
                     return float(np.mean([losses[mb] for mb in range(spec.microbatches)]))
@@ -321,25 +523,37 @@ class _Job:
                 else:
                     raise ProtocolError(f"stage {index} sent unexpected {msg.kind}")
 
-    async def fetch_params(self) -> list:
-        """The final parameters of every stage (from its first replica; all replicas apply
-        identical updates), as one list of per-layer pytrees of numpy arrays."""
+    async def snapshot(self, step: int, losses: list[float], opt_counts: list[int]) -> Snapshot:
+        """Every layer's params and optimizer state after `step` steps, from each stage's
+        first replica (all replicas apply identical updates)."""
         for index in range(len(self.stages)):
-            await self.links[index, 0].send(message("fetch_params", job_id=self.job_id))
-        by_stage: dict[int, list] = {}
+            await self.send((index, 0), message("fetch_params", job_id=self.job_id))
+        params: list = [None] * len(self.spec.params)
+        opt_state: list = [None] * len(self.spec.params)
+        fetched = 0
         with trio.fail_after(self.config.step_timeout_s):
-            while len(by_stage) < len(self.stages):
+            while fetched < len(self.stages):
                 (index, _), msg = await self._next_event()
                 if msg.kind != "params":
                     raise ProtocolError(f"stage {index} sent {msg.kind} instead of params")
-                leaves = [np.array(a) for a in msg.arrays]   # copy out of the frame buffer
-                by_stage[index] = jax.tree_util.tree_unflatten(self.treedefs[index], leaves)
-        return [layer for index in range(len(self.stages)) for layer in by_stage[index]]
+                stage = self.stages[index]
+                arrays = [np.array(a) for a in msg.arrays]   # copy out of the frame buffer
+                n = msg.fields["n_params"]
+                stage_params = jax.tree_util.tree_unflatten(self.treedefs[index], arrays[:n])
+                params[stage.start:stage.stop] = stage_params
+                rest = arrays[n:]
+                for layer in range(stage.start, stage.stop):
+                    opt_state[layer], rest = rest[:opt_counts[layer]], rest[opt_counts[layer]:]
+                fetched += 1
+        return Snapshot(step, params, opt_state, tuple(losses))
 
     async def end(self) -> None:
-        for link in self.links.values():
-            try:
-                await link.send(message("end_job", job_id=self.job_id))
-            except LinkClosed:
-                pass
+        """End this epoch's job on every peer (best effort) and close the links."""
+        for member, link in self.links.items():
+            with trio.move_on_after(1):
+                try:
+                    await link.send(message("end_job", job_id=self.job_id))
+                except LinkClosed:
+                    pass
             await link.aclose()
+        self.links.clear()

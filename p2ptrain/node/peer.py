@@ -11,7 +11,10 @@ exchanging parameter gradients with the others before the update (see StageRunne
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
+import signal
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +46,7 @@ class PeerConfig:
     # virtual time jump ahead while the computation is still running.
     compute_in_thread: bool = True
     max_inbox_items: int = 256
+    crash_at: str | None = None   # fault injection for tests, see Peer._maybe_crash
     limits: ProgramLimits = field(default_factory=ProgramLimits)
 
 
@@ -99,6 +103,7 @@ class Peer:
         self.links: dict[str, Link] = {}
         self._connecting: dict[str, trio.Lock] = {}
         self.jobs: dict[str, _StageJob] = {}
+        self.ended_jobs: collections.deque[str] = collections.deque(maxlen=64)
         self.compute_limiter = trio.CapacityLimiter(1)
 
     # -- links ---------------------------------------------------------------------------
@@ -146,6 +151,11 @@ class Peer:
             return
         job = self.jobs.get(f.get("job_id", ""))
         if job is None:
+            if f.get("job_id") in self.ended_jobs:
+                # In flight when the job ended (e.g. the driver re-planned after a failure):
+                # expected after churn, so dropped quietly rather than closing a healthy link.
+                log.debug("dropping %s for ended job %s", kind, f["job_id"])
+                return
             raise ProtocolError(f"{kind} for unknown job {f.get('job_id')!r}")
         if kind == "forward":
             sender = job.route(job.prev, f["mb"]).peer_id if job.prev else job.driver_id
@@ -163,8 +173,10 @@ class Peer:
             job.inbox.add_grads(f["step"], f["mb"], list(msg.arrays))
         elif kind == "fetch_params":
             self._expect_sender(job, link, job.driver_id)
-            leaves = await self._compute(job.runner.params_leaves)
-            await link.send(message("params", leaves, job_id=job.job_id, stage=job.stage))
+            params, opt_state = await self._compute(
+                lambda: (job.runner.params_leaves(), job.runner.opt_state_leaves()))
+            await link.send(message("params", params + opt_state, job_id=job.job_id, stage=job.stage,
+                                    n_params=len(params)))
         elif kind == "end_job":
             self._expect_sender(job, link, job.driver_id)
             self.drop_job(job.job_id, "finished")
@@ -189,13 +201,20 @@ class Peer:
     async def load_stage(self, link: Link, msg: Frame) -> None:
         f = msg.fields
         job_id = f["job_id"]
+        for old in [j for j in self.jobs.values() if j.driver_id == link.remote_peer_id]:
+            # A driver's new epoch supersedes its old one (whose end_job may still be in
+            # flight on another link).
+            self.drop_job(old.job_id, "superseded by a new epoch")
         if self.jobs:
             await link.send(message("job_error", job_id=job_id, reason="this peer already serves a stage"))
             return
         try:
             bundle = StageBundle.from_wire(f["bundle"])
-            runner = await self._compute(
-                lambda: StageRunner.load(bundle, list(msg.arrays), limits=self.config.limits))
+            # arrays: the stage's params leaves, then its optimizer state leaves if it has any
+            # yet (a stage rebuilt after a failure); none means the peer initialises it.
+            params, opt_state = list(msg.arrays[:f["n_params"]]), list(msg.arrays[f["n_params"]:])
+            runner = await self._compute(lambda: StageRunner.load(
+                bundle, params, opt_state or None, limits=self.config.limits))
             prev, nxt, replicas = (_neighbours(f[k]) for k in ("prev", "next", "replicas"))
             if not 0 <= f["replica"] < len(replicas) or replicas[f["replica"]].peer_id != self.transport.peer_id:
                 raise ValueError("this peer is not the replica it was assigned")
@@ -205,7 +224,7 @@ class Peer:
             await link.send(message("job_error", job_id=job_id, reason=f"stage rejected: {exc}"))
             return
         inbox = StageInbox(bundle.microbatches, bundle.is_last, capacity=self.config.max_inbox_items,
-                           replica=f["replica"], replicas=len(replicas))
+                           replica=f["replica"], replicas=len(replicas), step=f["step"])
         job = _StageJob(job_id, f["stage"], runner, inbox, link.remote_peer_id, prev, nxt, replicas)
         self.jobs[job_id] = job
         self.nursery.start_soon(self._run_job, job)
@@ -215,6 +234,7 @@ class Peer:
     def drop_job(self, job_id: str, why: str) -> None:
         job = self.jobs.pop(job_id, None)
         if job is not None:
+            self.ended_jobs.append(job_id)
             log.info("job %s ended: %s", job_id, why)
             job.cancel_scope.cancel()
 
@@ -252,9 +272,20 @@ class Peer:
                             pass
                 self.drop_job(job.job_id, f"failed: {exc}")
 
+    def _maybe_crash(self, phase: str, step: int, mb: int | None = None) -> None:
+        """Fault injection for churn tests: `PeerConfig.crash_at` = "PHASE:STEP[:MB]" makes
+        this process SIGKILL itself (exactly what `kill -9` does) as it starts that work."""
+        if self.config.crash_at is None:
+            return
+        want = self.config.crash_at.split(":")
+        if want[0] == phase and int(want[1]) == step and (len(want) < 3 or int(want[2]) == mb):
+            log.warning("crash_at %s: killing this process", self.config.crash_at)
+            os.kill(os.getpid(), signal.SIGKILL)
+
     async def _run_task(self, job: _StageJob, task: Task) -> None:
         ids = dict(job_id=job.job_id, step=task.step, mb=task.mb)
         runner = job.runner
+        self._maybe_crash(task.kind, task.step, task.mb)
         if task.kind == "forward":
             y = await self._compute(lambda: runner.forward(task.mb, task.x))
             await (await self._neighbour(job.route(job.next, task.mb))).send(message("forward", [y], **ids))
@@ -276,6 +307,7 @@ class Peer:
             if job.own_done == len(job.inbox.owned()):
                 await self._share_grads(job, task.step)
         if len(runner.completed_microbatches) == job.inbox.microbatches:
+            self._maybe_crash("update", task.step)
             await self._compute(runner.apply_update)
             job.own_done = 0
             job.inbox.next_step()

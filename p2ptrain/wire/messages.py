@@ -40,10 +40,11 @@ SCHEMAS: dict[str, tuple[dict[str, type | tuple[type, ...]], int | None]] = {
     "status": ({"peers": list, "jobs": list}, 0),
     "directory_request": ({}, 0),
     "directory": ({"peers": list}, 0),
-    "job_update": ({"job_id": str, "state": str, "step": int, "steps": int, "stages": list}, 0),
+    "job_update": ({"job_id": str, "state": str, "epoch": int, "step": int, "steps": int,
+                    "stages": list}, 0),
     "error": ({"reason": str}, 0),
     "load_stage": ({"job_id": str, "stage": int, "bundle": dict, "prev": list, "next": list,
-                    "replicas": list, "replica": int}, None),
+                    "replicas": list, "replica": int, "n_params": int, "step": int}, None),
     "stage_ready": ({"job_id": str, "stage": int}, 0),
     "job_error": ({"job_id": str, "reason": str}, 0),
     "forward": ({"job_id": str, "step": int, "mb": int}, 1),
@@ -54,7 +55,7 @@ SCHEMAS: dict[str, tuple[dict[str, type | tuple[type, ...]], int | None]] = {
     "step_done": ({"job_id": str, "step": int}, 0),
     "grads": ({"job_id": str, "step": int, "mb": int}, None),
     "fetch_params": ({"job_id": str}, 0),
-    "params": ({"job_id": str, "stage": int}, None),
+    "params": ({"job_id": str, "stage": int, "n_params": int}, None),
     "end_job": ({"job_id": str}, 0),
 }
 
