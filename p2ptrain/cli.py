@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", type=_size, help="memory to donate, e.g. 2GB (default: what is free)")
     p.add_argument("--threads", type=_positive_int, help="CPU threads to donate (default: all)")
     p.add_argument("--state-dir", help="where the identity key is kept (default: a fresh identity)")
+    # Fault injection for churn tests and demos: SIGKILL this peer as it starts PHASE
+    # (forward, backward, last, grads, update) of STEP[, micro-batch MB], but only if it is
+    # the first to create the token file (so a replayed step does not kill the replacement).
+    p.add_argument("--crash-at", help=argparse.SUPPRESS)
+    p.add_argument("--crash-token", help=argparse.SUPPRESS)
 
     p = sub.add_parser("status", help="show the swarm's peers and jobs")
     p.add_argument("--bootstrap", type=_address, required=True)
@@ -160,7 +165,8 @@ async def _join(args) -> int:
     memory_bytes = min(args.memory, free_bytes) if args.memory else free_bytes
     threads = args.threads or len(os.sched_getaffinity(0))
     config = PeerConfig(bootstrap=args.bootstrap, listen=args.listen, memory_bytes=memory_bytes,
-                        flops_per_s=measure_flops_per_s(), threads=threads)
+                        flops_per_s=measure_flops_per_s(), threads=threads,
+                        crash_at=args.crash_at, crash_token=args.crash_token)
     transport = _transport(args.state_dir)
 
     async def run(*, task_status):

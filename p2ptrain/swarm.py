@@ -1,6 +1,8 @@
 """A swarm of real `p2ptrain` processes on this machine (loopback), for the demo, the
 end-to-end tests and the benchmarks. Every port is chosen by the OS; every process is
 stopped on exit, and dies with its parent even if the parent is killed (see cli._die_with_parent).
+Linux sends that signal when the *thread* that started the process ends: call `join` from a
+thread that outlives the swarm.
 """
 
 from __future__ import annotations

@@ -28,3 +28,18 @@ def max_abs_difference(a, b) -> float:
     leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
     assert len(leaves_a) == len(leaves_b)
     return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(leaves_a, leaves_b))
+
+
+# A model and peer memory for real-process swarms: each 48-wide Dense layer with its
+# optimizer state needs 38-50 KB; at 70 KB a peer holds one of them but never two, so every
+# plan is a 3-stage pipeline (and extra peers can only be replicas).
+PIPELINE_PEER_MEMORY = "70KB"
+
+
+def pipelined_mlp():
+    import flax.linen as nn
+
+    import p2ptrain
+
+    return p2ptrain.Sequential([nn.Dense(48), jax.nn.relu, nn.Dense(48), jax.nn.relu,
+                                nn.Dense(48), jax.nn.relu, nn.Dense(10)])

@@ -13,23 +13,13 @@ import pytest
 import p2ptrain
 from p2ptrain.demo import batch_stream, digits_split
 from p2ptrain.swarm import LocalSwarm
-from reference import max_abs_difference, reference_train
-
-# Each 48-wide Dense layer with its optimizer state needs 38-50 KB; at 70 KB a peer holds
-# one of them but never two, so every plan is a 3-stage pipeline with one peer per stage.
-PEER_MEMORY = ("70KB", "70KB", "70KB")
-
-
-def mlp():
-    return p2ptrain.Sequential([nn.Dense(48), jax.nn.relu, nn.Dense(48), jax.nn.relu,
-                                nn.Dense(48), jax.nn.relu, nn.Dense(10)])
-
+from reference import PIPELINE_PEER_MEMORY, max_abs_difference, pipelined_mlp, reference_train
 
 @pytest.fixture(scope="module")
 def swarm():
     with LocalSwarm() as swarm:
-        for memory in PEER_MEMORY:
-            swarm.join(memory=memory, threads=1)
+        for _ in range(3):
+            swarm.join(memory=PIPELINE_PEER_MEMORY, threads=1)
         yield swarm
 
 
@@ -72,7 +62,7 @@ async def test_hostile_frames_close_only_their_link(swarm):
 
 
 def test_pipelined_training_equals_single_process_jax(swarm, digits):
-    model = mlp()
+    model = pipelined_mlp()
     x0, _ = digits(0)
     params = model.init(jax.random.PRNGKey(0), x0[:8])
     optimizer = optax.sgd(0.1, momentum=0.9)

@@ -199,6 +199,7 @@ class _Driver:
                 raise ValueError("resume=True needs a state_dir")
             snapshot = checkpoint.load(spec.state_dir, spec.params, self.opt_counts, self.fingerprint)
             log.info("resuming from the checkpoint at step %d", snapshot.step)
+        self.snapshot, self.step = snapshot, snapshot.step
         epoch, previous, pending = 0, None, None
         while True:
             peers = await self._live_peers(wait=epoch > 0)
@@ -208,16 +209,18 @@ class _Driver:
             if self.on_plan is not None:
                 self.on_plan(stages, epoch)
             try:
-                snapshot, done = await self._run_epoch(epoch, stages, the_plan, bundles, snapshot, pending)
+                done = await self._run_epoch(epoch, stages, the_plan, bundles, pending)
             except PeerLost as lost:
                 if len(self.recoveries) >= self.config.max_recoveries:
                     raise TrainingError(f"giving up after {len(self.recoveries)} recoveries: {lost}") from None
-                log.warning("epoch %d ended: %s; resuming from step %d", epoch, lost, snapshot.step)
+                log.warning("epoch %d ended at step %d: %s; resuming from step %d",
+                            epoch, self.step, lost, self.snapshot.step)
                 self.dead.add(lost.peer_id)
-                pending = (epoch, lost, trio.current_time())
+                pending = (epoch, lost, self.step, trio.current_time())
             else:
                 pending = None
                 if done:
+                    snapshot = self.snapshot
                     return TrainResult(snapshot.params, list(snapshot.losses), stages, the_plan,
                                        self.step_times, self.samples_per_step, self.recoveries, epoch + 1)
             epoch, previous = epoch + 1, the_plan
@@ -229,6 +232,7 @@ class _Driver:
         while True:
             reply = await request(self.directory, message("directory_request"), "directory")
             peers = [p for p in reply.fields["peers"] if p["peer_id"] not in self.dead]
+            log.info("live peers: %s (dead: %s)", [p["peer_id"][:8] for p in peers], [p[:8] for p in self.dead])
             if not wait:
                 return peers
             try:
@@ -246,41 +250,42 @@ class _Driver:
     def _plan(self, peers: list[dict], previous: planner.Plan | None):
         return _plan_job(self.spec, self.costs, self.shapes, peers, previous)
 
-    async def _run_epoch(self, epoch, stages, the_plan, bundles, snapshot: Snapshot, pending):
-        """Train from `snapshot` until done, a rebalance, or a lost peer (PeerLost).
-        Returns (latest snapshot, whether training is complete)."""
+    async def _run_epoch(self, epoch, stages, the_plan, bundles, pending) -> bool:
+        """Train from the latest snapshot until done (True), a rebalance (False), or a lost
+        peer (PeerLost). `self.snapshot` is the latest snapshot throughout."""
         spec, config = self.spec, self.config
         try:
             async with trio.open_nursery() as nursery:
                 job = _Job(f"{self.job_base}-e{epoch}", stages, the_plan, bundles, spec, config,
                            self.transport, nursery)
                 try:
-                    result = await self._train(job, epoch, snapshot, pending)
+                    result = await self._train(job, epoch, pending)
                 except BaseException:
                     with trio.CancelScope(shield=True), trio.move_on_after(2):
                         await job.end()
-                        await _report(self.directory, job, epoch, "failed", snapshot.step)
+                        await _report(self.directory, job, epoch, "failed", self.step)
                     raise
                 nursery.cancel_scope.cancel()
                 return result
         except BaseExceptionGroup as group:
             raise sole_error(group) from None
 
-    async def _train(self, job: "_Job", epoch: int, snapshot: Snapshot, pending):
+    async def _train(self, job: "_Job", epoch: int, pending) -> bool:
         spec = self.spec
+        snapshot = self.snapshot
         await _report(self.directory, job, epoch, "loading", snapshot.step)
         await job.load(snapshot)
         losses = list(snapshot.losses[:snapshot.step])
         period = self.config.snapshot_every_steps
-        step = snapshot.step
+        step = self.step = snapshot.step
         while step < spec.steps:
             start = trio.current_time()
             losses.append(await job.run_step(step))
-            step += 1
+            step = self.step = step + 1
             self.step_times.append(trio.current_time() - start)
             if pending is not None:
-                failed_epoch, lost, noticed_at = pending
-                self.recoveries.append(Recovery(failed_epoch, lost.peer_id, str(lost), -1, snapshot.step,
+                failed_epoch, lost, failed_at, noticed_at = pending
+                self.recoveries.append(Recovery(failed_epoch, lost.peer_id, str(lost), failed_at, snapshot.step,
                                                 trio.current_time() - noticed_at))
                 pending = None
             if self.on_step is not None:
@@ -289,15 +294,15 @@ class _Driver:
             if period is None:
                 period = self._snapshot_period(self.step_times[-1])
             if step % period == 0 or step == spec.steps:
-                snapshot = await job.snapshot(step, losses, self.opt_counts)
+                self.snapshot = await job.snapshot(step, losses, self.opt_counts)
                 if spec.state_dir is not None:
-                    checkpoint.save(spec.state_dir, snapshot, self.fingerprint)
+                    checkpoint.save(spec.state_dir, self.snapshot, self.fingerprint)
                 if step < spec.steps and await self._should_rebalance(job):
                     await job.end()
-                    return snapshot, False
+                    return False
         await job.end()
         await _report(self.directory, job, epoch, "finished", step)
-        return snapshot, True
+        return True
 
     def _snapshot_period(self, step_time_s: float) -> int:
         """Steps between snapshots so that fetching the state costs about

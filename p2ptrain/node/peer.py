@@ -46,7 +46,8 @@ class PeerConfig:
     # virtual time jump ahead while the computation is still running.
     compute_in_thread: bool = True
     max_inbox_items: int = 256
-    crash_at: str | None = None   # fault injection for tests, see Peer._maybe_crash
+    crash_at: str | None = None      # fault injection for tests, see Peer._maybe_crash
+    crash_token: str | None = None
     limits: ProgramLimits = field(default_factory=ProgramLimits)
 
 
@@ -274,13 +275,20 @@ class Peer:
 
     def _maybe_crash(self, phase: str, step: int, mb: int | None = None) -> None:
         """Fault injection for churn tests: `PeerConfig.crash_at` = "PHASE:STEP[:MB]" makes
-        this process SIGKILL itself (exactly what `kill -9` does) as it starts that work."""
+        this process SIGKILL itself (exactly what `kill -9` does) as it starts that work, if
+        it is the first to create the file `crash_token` (when one is given)."""
         if self.config.crash_at is None:
             return
         want = self.config.crash_at.split(":")
-        if want[0] == phase and int(want[1]) == step and (len(want) < 3 or int(want[2]) == mb):
-            log.warning("crash_at %s: killing this process", self.config.crash_at)
-            os.kill(os.getpid(), signal.SIGKILL)
+        if want[0] != phase or int(want[1]) != step or (len(want) > 2 and int(want[2]) != mb):
+            return
+        if self.config.crash_token is not None:
+            try:
+                os.close(os.open(self.config.crash_token, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
+        log.warning("crash_at %s: killing this process", self.config.crash_at)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     async def _run_task(self, job: _StageJob, task: Task) -> None:
         ids = dict(job_id=job.job_id, step=task.step, mb=task.mb)
