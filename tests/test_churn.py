@@ -73,25 +73,51 @@ def test_a_peer_killed_mid_step_costs_nothing(digits, expected, tmp_path, spec):
     assert_as_without_churn(result, expected)
 
 
+def stage_peers(swarm) -> list[str]:
+    """The first peer of every stage of the running job, as `p2ptrain status` shows it."""
+    status = subprocess.run([sys.executable, "-m", "p2ptrain", "status", "--bootstrap", swarm.address, "--json"],
+                            capture_output=True, text=True, check=True)
+    (job,) = [j for j in json.loads(status.stdout)["jobs"] if j["state"] == "training"]
+    return [peers[0] for _, _, peers in job["stages"]]
+
+
 def test_two_peers_killed_at_once(digits, expected):
-    """At step 6 the test kills the peers of stages 0 and 1 together (as seen by `status`)."""
+    """At step 6 the test kills the peers of stages 0 and 1 together."""
     with LocalSwarm() as swarm:
         nodes = {n.peer_id: n for n in (swarm.join(memory=PIPELINE_PEER_MEMORY) for _ in range(5))}
         killed = []
 
         def kill_two(step, loss):
             if step == 6 and not killed:
-                status = subprocess.run([sys.executable, "-m", "p2ptrain", "status", "--bootstrap", swarm.address,
-                                         "--json"], capture_output=True, text=True, check=True)
-                (job,) = [j for j in json.loads(status.stdout)["jobs"] if j["state"] == "training"]
-                for _, _, peers in job["stages"][:2]:
-                    os.kill(nodes[peers[0]].process.pid, signal.SIGKILL)
-                    killed.append(peers[0])
+                for peer_id in stage_peers(swarm)[:2]:
+                    os.kill(nodes[peer_id].process.pid, signal.SIGKILL)
+                    killed.append(peer_id)
 
         result = train(swarm, digits, expected[0], on_step=kill_two)
     assert len(killed) == 2
     assert {r.peer_id for r in result.recoveries} <= set(killed) and result.recoveries
     assert not set(killed) & {p for s in result.stages for p in s.peer_ids}
+    assert_as_without_churn(result, expected)
+
+
+@pytest.mark.parametrize("pause_s, recovers", [(2.0, False), (8.0, True)], ids=["2s-tolerated", "8s-suspected"])
+def test_a_paused_peer(digits, expected, pause_s, recovers):
+    """SIGSTOP a stage's peer mid-run: a 2-second pause is waited out (no false suspicion);
+    a long one makes the detector suspect it, and the job moves on without it. Either way
+    nothing is lost."""
+    with LocalSwarm() as swarm:
+        nodes = {n.peer_id: n for n in (swarm.join(memory=PIPELINE_PEER_MEMORY) for _ in range(4))}
+        paused = []
+
+        def pause(step, loss):
+            if step == 4 and not paused:
+                paused.append(nodes[stage_peers(swarm)[1]].process)
+                paused[0].send_signal(signal.SIGSTOP)
+                threading.Timer(pause_s, paused[0].send_signal, [signal.SIGCONT]).start()
+
+        result = train(swarm, digits, expected[0], on_step=pause)
+        assert paused and paused[0].poll() is None   # stopped, not killed
+    assert len(result.recoveries) == (1 if recovers else 0)
     assert_as_without_churn(result, expected)
 
 

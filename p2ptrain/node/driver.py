@@ -34,6 +34,7 @@ import trio
 from .. import planner
 from ..compute import (Sequential, export_stage, opt_state_leaf_counts, profile_layers,
                        residual_bytes_per_sample)
+from ..core.detector import DetectorConfig, FailureDetector
 from ..core.schedule import MicrobatchWindow, split_microbatches
 from ..transport.base import Transport, TransportError
 from ..wire.codec import Frame
@@ -89,6 +90,10 @@ class DriverConfig:
     max_recoveries: int = 100
     # A peer that joins is taken in at the next snapshot if a fresh plan is this much faster.
     rebalance_gain: float = 0.2
+    # Silent peers (stopped, partitioned) are found by a phi-accrual detector over the
+    # peers' job heartbeats; a broken connection is noticed at once without it.
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    detector_poll_interval_s: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -417,6 +422,10 @@ def _residuals_fit(spec: TrainSpec, costs, stages, index: int, x_spec, peer_memo
     return budgeted + in_flight * max(0, residual - per_sample_budget) <= peer_memory_bytes
 
 
+# An event no peer can send (it is not a wire message kind): the detector's verdict.
+_SUSPECTED = Frame("suspected", {})
+
+
 class _Job:
     """A job's links to its stage replicas and the events they send back. Replicas are
     numbered in `members` order: (stage, replica) for every replica of every stage."""
@@ -431,6 +440,7 @@ class _Job:
         self.events_send, self.events = trio.open_memory_channel[tuple[tuple[int, int], Frame | None]](
             config.max_event_backlog)
         self.treedefs = [jax.tree_util.tree_structure(spec.params[s.start:s.stop]) for s in stages]
+        self.detector = FailureDetector(config.detector)
 
     def link_for(self, stage: int, mb: int) -> tuple[tuple[int, int], Link]:
         """The replica of `stage` that computes micro-batch `mb`, and the link to it."""
@@ -481,11 +491,28 @@ class _Job:
                 if msg.kind != "stage_ready":
                     raise TrainingError(f"stage {member[0]}: unexpected {msg.kind} while loading")
                 ready.add(member)
+        # Watch only once every stage is loaded: a peer compiles its programs before it
+        # starts heartbeating the job.
+        for member in self.members:
+            self.detector.watch(self.peer_of(member), trio.current_time())
+        self.nursery.start_soon(self._watch)
 
     async def _receive(self, member: tuple[int, int], link: Link) -> None:
         while (msg := await next_message(link)) is not None:
-            await self.events_send.send((member, msg))
+            self.detector.heartbeat(self.peer_of(member), trio.current_time())
+            if msg.kind != "heartbeat":
+                await self.events_send.send((member, msg))
         await self.events_send.send((member, None))
+
+    async def _watch(self) -> None:
+        """Report the first member the detector suspects as an event (ends the epoch)."""
+        by_peer = {self.peer_of(m): m for m in self.members}
+        while True:
+            await trio.sleep(self.config.detector_poll_interval_s)
+            for peer_id, state in self.detector.poll(trio.current_time()):
+                if state != "alive":
+                    await self.events_send.send((by_peer[peer_id], _SUSPECTED))
+                    return
 
     async def _next_event(self) -> tuple[tuple[int, int], Frame]:
         member, msg = await self.events.receive()
@@ -493,6 +520,9 @@ class _Job:
         where = f"stage {member[0]}, layers {stage.start}-{stage.stop - 1}"
         if msg is None:
             raise PeerLost(self.peer_of(member), f"connection lost ({where})")
+        if msg is _SUSPECTED:
+            silent_s = self.config.detector.acceptable_pause_s
+            raise PeerLost(self.peer_of(member), f"silent for over {silent_s:.1f} s, suspected ({where})")
         if msg.kind == "job_error":
             raise PeerLost(self.peer_of(member), f"{msg.fields['reason']} ({where})")
         return member, msg

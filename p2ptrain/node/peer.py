@@ -38,7 +38,8 @@ class PeerConfig:
     memory_bytes: int = 2 * 2**30
     flops_per_s: float = 1e9
     threads: int = 1
-    heartbeat_interval_s: float = 1.0
+    heartbeat_interval_s: float = 1.0       # to the bootstrap
+    job_heartbeat_interval_s: float = 0.5   # to the driver of a job (its failure detector)
     leave_timeout_s: float = 2.0
     bandwidth_probe_bytes: int = 2**20
     # Compute runs in a worker thread so that heartbeats and links keep flowing during a long
@@ -249,13 +250,15 @@ class Peer:
     async def _run_job(self, job: _StageJob) -> None:
         with job.cancel_scope:
             try:
-                while True:
-                    task = job.inbox.next_task()
-                    if task is None:
-                        job.wakeup = trio.Event()
-                        await job.wakeup.wait()
-                        continue
-                    await self._run_task(job, task)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._heartbeat_driver, job)
+                    while True:
+                        task = job.inbox.next_task()
+                        if task is None:
+                            job.wakeup = trio.Event()
+                            await job.wakeup.wait()
+                            continue
+                        await self._run_task(job, task)
             except (LinkClosed, TransportError) as exc:
                 # A neighbour vanished: the driver notices the stall and the lost peer; this
                 # peer stays healthy and drops the job (re-sharding is the driver's call).
@@ -272,6 +275,15 @@ class Peer:
                         except LinkClosed:
                             pass
                 self.drop_job(job.job_id, f"failed: {exc}")
+
+    async def _heartbeat_driver(self, job: _StageJob) -> None:
+        """Tell the driver this peer is alive while it serves the job, also during a long
+        computation (compute runs in a thread; small frames overtake bulk ones on a link)."""
+        while True:
+            link = self.links.get(job.driver_id)
+            if link is not None:
+                await link.send(message("heartbeat"))
+            await trio.sleep(self.config.job_heartbeat_interval_s)
 
     def _maybe_crash(self, phase: str, step: int, mb: int | None = None) -> None:
         """Fault injection for churn tests: `PeerConfig.crash_at` = "PHASE:STEP[:MB]" makes
