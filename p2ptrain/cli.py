@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=_address, required=True)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    sub.add_parser("demo", help="start a local swarm and train an MLP on the digits data set")
+    p = sub.add_parser("demo", help="start a local swarm and train an MLP on the digits data set")
+    p.add_argument("--churn", action="store_true", help="kill -9 a peer mid-run and show the recovery")
     return parser
 
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return run_demo()
+        return run_demo(churn=args.churn)
     import trio
 
     from .transport.base import TransportError

@@ -7,6 +7,9 @@ accuracy; stops every process it started.
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
 import sys
 import time
 
@@ -17,6 +20,7 @@ STEPS = 300
 BATCH_SIZE = 128
 MICROBATCHES = 4
 TARGET_ACCURACY = 0.95
+CHURN_AT_STEP = 100
 
 
 def digits_split(seed: int = 0, test_fraction: float = 0.2):
@@ -59,7 +63,15 @@ def accuracy(model, params, x, y) -> float:
     return float(np.mean(np.argmax(np.asarray(model.apply(params, x)), axis=-1) == y))
 
 
-def run_demo() -> int:
+def _stage_peer(bootstrap: str, stage: int) -> str:
+    """The first peer of `stage` of the running job, as `p2ptrain status --json` shows it."""
+    status = subprocess.run([sys.executable, "-m", "p2ptrain", "status", "--bootstrap", bootstrap, "--json"],
+                            capture_output=True, text=True, check=True)
+    (job,) = [j for j in json.loads(status.stdout)["jobs"] if j["state"] == "training"]
+    return job["stages"][min(stage, len(job["stages"]) - 1)][2][0]
+
+
+def run_demo(churn: bool = False) -> int:
     import optax
 
     import p2ptrain
@@ -75,13 +87,24 @@ def run_demo() -> int:
             for memory in PEER_MEMORY:
                 node = swarm.join(memory=memory, threads=1)
                 print(f"peer {node.peer_id[:12]} at {node.address} donates {memory}")
+            by_id = {node.peer_id: node for node in swarm.peers}
+
+            def kill_a_peer(step: int, loss: float) -> None:
+                if churn and step == CHURN_AT_STEP and all(n.process.poll() is None for n in swarm.peers):
+                    victim = by_id[_stage_peer(swarm.address, 1)]
+                    print(f"step {step}: kill -9 peer {victim.peer_id[:12]} (stage 1)", flush=True)
+                    victim.process.send_signal(signal.SIGKILL)
+
             result = p2ptrain.train(
                 model, batch_stream(x_train, y_train, BATCH_SIZE),
                 loss=p2ptrain.losses.softmax_cross_entropy, optimizer=optax.adam(1e-3),
-                steps=STEPS, microbatches=MICROBATCHES, bootstrap=swarm.address, seed=0)
+                steps=STEPS, microbatches=MICROBATCHES, bootstrap=swarm.address, seed=0, on_step=kill_a_peer)
     except (SwarmError, p2ptrain.TrainingError, p2ptrain.Infeasible) as exc:
         print(f"p2ptrain demo: {exc}", file=sys.stderr)
         return 1
+    for r in result.recoveries:
+        print(f"recovered from losing peer {r.peer_id[:12]} at step {r.failed_at_step}: re-planned, replayed "
+              f"from the snapshot at step {r.resumed_from_step}, next step committed {r.seconds:.2f} s later")
     held_out = accuracy(model, result.params, x_test, y_test)
     print(f"final loss {result.losses[-1]:.4f}; {result.samples_per_s:.0f} samples/s; "
           f"held-out accuracy {held_out:.1%} (target {TARGET_ACCURACY:.0%}); "
