@@ -13,6 +13,10 @@ _PUBLIC = {
     "TrainResult": "p2ptrain.node.driver",
     "TrainingError": "p2ptrain.node.driver",
     "Infeasible": "p2ptrain.planner",
+    "train_parameter_server": "p2ptrain.paramserver",
+    "train_parameter_server_async": "p2ptrain.paramserver",
+    "PSResult": "p2ptrain.paramserver",
+    "ParameterServerError": "p2ptrain.paramserver",
 }
 
 __all__ = ["losses", *_PUBLIC]

@@ -1,0 +1,110 @@
+"""The parameter-server training mode: exact against the single-process reference over the
+in-memory and simulated networks (virtual time), its value accounting, and refusals."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import pytest
+import trio
+
+import p2ptrain
+from p2ptrain.compute import ProgramLimits
+from p2ptrain.paramserver import (ParameterServerError, WorkerConfig, serve_worker,
+                                  train_parameter_server_async)
+from p2ptrain.paramserver.messages import ProtocolError, message, validate
+from p2ptrain.paramserver.program import export_grad_program
+from p2ptrain.transport.memory import MemoryNetwork, MemoryTransport
+from p2ptrain.transport.sim import LinkSpec, SimNetwork, SimTransport
+from p2ptrain.wire.codec import Frame
+from reference import max_abs_difference, reference_train
+
+INLINE = WorkerConfig(compute_in_thread=False)   # MockClock: no threads
+
+
+def batches(step):
+    rng = np.random.default_rng(step)
+    x = rng.normal(size=(12, 5)).astype(np.float32)
+    return x, (x.sum(axis=1) > 0).astype(np.int32)
+
+
+def small_model():
+    return p2ptrain.Sequential([nn.Dense(8), jax.nn.relu, nn.Dense(2)])
+
+
+async def train(network, transport, workers=3, steps=4, optimizer=None, **kwargs):
+    model = small_model()
+    params = model.init(jax.random.PRNGKey(1), batches(0)[0][:4])
+    optimizer = optimizer or optax.adam(0.05)
+    result = await train_parameter_server_async(
+        model, batches, loss=p2ptrain.losses.softmax_cross_entropy, optimizer=optimizer, steps=steps,
+        workers=workers, params=params, transport_factory=lambda name: transport(network, name),
+        worker_config=INLINE, **kwargs)
+    expected = reference_train(model, batches, p2ptrain.losses.softmax_cross_entropy, optimizer,
+                               steps=steps, microbatches=workers, params=params)
+    return model, params, result, expected
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+async def test_equals_single_process_training_with_microbatches_equal_workers(autojump_clock, workers):
+    _, _, result, (expected_params, expected_losses) = await train(MemoryNetwork(), MemoryTransport, workers)
+    assert max_abs_difference(result.params, expected_params) <= 1e-5
+    np.testing.assert_allclose(result.losses, expected_losses, atol=1e-5)
+    assert result.workers == workers and len(result.step_times_s) == 4
+
+
+async def test_counts_the_values_it_communicates(autojump_clock):
+    model, params, result, _ = await train(MemoryNetwork(), MemoryTransport, workers=3, optimizer=optax.sgd(0.1))
+    n_params = sum(np.size(a) for a in jax.tree_util.tree_leaves(params))   # 5*8+8 + 8*2+2 = 66
+    assert n_params == 66
+    for counts in result.values_per_step:
+        assert counts.params_down == 3 * n_params and counts.grads_up == 3 * n_params
+        assert counts.inputs == 12 * 5 and counts.targets == 12 and counts.losses == 3
+    assert result.values.total == 4 * (2 * 3 * 66 + 60 + 12 + 3)
+
+
+async def test_over_the_simulated_network_time_follows_the_links(autojump_clock):
+    """Latency and bandwidth change the timing, never the numbers."""
+    network = SimNetwork(seed=5, default_link=LinkSpec(latency_s=0.01, bandwidth_bytes_per_s=1e5))
+    _, _, result, (expected_params, expected_losses) = await train(network, SimTransport, workers=3)
+    assert max_abs_difference(result.params, expected_params) <= 1e-5
+    np.testing.assert_allclose(result.losses, expected_losses, atol=1e-5)
+    # Every step is a round trip (2 x 10 ms) plus the params each way at 100 kB/s.
+    for step_s in result.step_times_s:
+        assert step_s >= 2 * 0.01 + 2 * 66 * 4 / 1e5
+
+
+async def test_a_worker_refuses_a_program_outside_its_allow_list(autojump_clock):
+    network = MemoryNetwork()
+    strict = WorkerConfig(compute_in_thread=False, limits=ProgramLimits(max_program_bytes=100))
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(serve_worker, MemoryTransport(network, "w"), "w:0", strict)
+        model = small_model()
+        with pytest.raises(ParameterServerError, match="max_program_bytes"):
+            await train_parameter_server_async(
+                model, batches, loss=p2ptrain.losses.softmax_cross_entropy, optimizer=optax.sgd(0.1),
+                steps=1, workers=[address], transport_factory=lambda name: MemoryTransport(network, name))
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_unreachable_worker_is_one_clear_error(autojump_clock):
+    network = MemoryNetwork()
+    with pytest.raises(ParameterServerError, match="cannot reach worker 0 at nowhere:1"):
+        await train_parameter_server_async(
+            small_model(), batches, loss=p2ptrain.losses.softmax_cross_entropy, optimizer=optax.sgd(0.1),
+            steps=1, workers=["nowhere:1"], transport_factory=lambda name: MemoryTransport(network, name))
+
+
+def test_messages_are_validated():
+    validate(message("ps_ready", job_id="j"))
+    with pytest.raises(ProtocolError, match="unknown"):
+        validate(Frame("forward", {"job_id": "j", "step": 0, "mb": 0}))
+    with pytest.raises(ProtocolError, match="worker 3"):
+        validate(Frame("ps_load", {"job_id": "j", "worker": 3, "workers": 3, "n_params": 1, "program": b""}))
+    with pytest.raises(ProtocolError, match="type bool"):
+        validate(Frame("ps_step", {"job_id": "j", "step": True}))
+
+
+def test_public_names():
+    assert p2ptrain.train_parameter_server.__module__ == "p2ptrain.paramserver.api"
+    assert p2ptrain.PSResult.__name__ == "PSResult"
