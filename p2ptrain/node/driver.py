@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -210,6 +211,7 @@ class _Driver:
             peers = await self._live_peers(wait=epoch > 0)
             stages, the_plan, bundles = self._plan(peers, previous)
             in_use = {p for s in stages for p in s.peer_ids}
+            self.planned_with = {p["peer_id"] for p in peers}
             self.min_bandwidth = min(p["bandwidth_bytes_per_s"] for p in peers if p["peer_id"] in in_use)
             if self.on_plan is not None:
                 self.on_plan(stages, epoch)
@@ -296,9 +298,10 @@ class _Driver:
             if self.on_step is not None:
                 self.on_step(step - 1, losses[-1], _samples_per_s(self.samples_per_step, self.step_times))
             await _report(self.directory, job, epoch, "training", step)
-            if period is None:
-                period = self._snapshot_period(self.step_times[-1])
-            if step % period == 0 or step == spec.steps:
+            if period is None and len(self.step_times) >= _PERIOD_SAMPLES:
+                # Past the first steps, which include compilation and warm-up.
+                period = self._snapshot_period(statistics.median(self.step_times[-_PERIOD_SAMPLES:]))
+            if (period is not None and step % period == 0) or step == spec.steps:
                 self.snapshot = await job.snapshot(step, losses, self.opt_counts)
                 if spec.state_dir is not None:
                     checkpoint.save(spec.state_dir, self.snapshot, self.fingerprint)
@@ -322,13 +325,15 @@ class _Driver:
         """Whether peers that joined since the plan would make steps `rebalance_gain` faster."""
         reply = await request(self.directory, message("directory_request"), "directory")
         peers = [p for p in reply.fields["peers"] if p["peer_id"] not in self.dead]
-        in_use = {p for s in job.stages for p in s.peer_ids}
-        if {p["peer_id"] for p in peers} <= in_use:
-            return False
+        if {p["peer_id"] for p in peers} <= self.planned_with:
+            return False   # nobody new: peers the plan left out stay out (that was its choice)
         specs, sizes = _peer_specs(peers), self.shapes.sizes
         current = planner.step_time(job.plan, self.costs, specs, **sizes)
         fresh = planner.plan(self.costs, specs, state_factor=self.spec.state_factor, **sizes)
         return planner.step_time(fresh, self.costs, specs, **sizes) < (1 - self.config.rebalance_gain) * current
+
+
+_PERIOD_SAMPLES = 5   # steps timed before the automatic snapshot period is chosen
 
 
 def _samples_per_s(samples_per_step: int, step_times: list[float]) -> float:
