@@ -108,3 +108,18 @@ def test_messages_are_validated():
 def test_public_names():
     assert p2ptrain.train_parameter_server.__module__ == "p2ptrain.paramserver.api"
     assert p2ptrain.PSResult.__name__ == "PSResult"
+
+
+async def test_over_real_tls_on_loopback():
+    """Default transport: mutual TLS with a fresh identity per worker, compute in threads."""
+    model = small_model()
+    params = model.init(jax.random.PRNGKey(1), batches(0)[0][:4])
+    optimizer = optax.sgd(0.1, momentum=0.9)
+    with trio.fail_after(60):
+        result = await train_parameter_server_async(
+            model, batches, loss=p2ptrain.losses.softmax_cross_entropy, optimizer=optimizer, steps=3,
+            workers=2, params=params)
+    expected_params, expected_losses = reference_train(model, batches, p2ptrain.losses.softmax_cross_entropy,
+                                                       optimizer, steps=3, microbatches=2, params=params)
+    assert max_abs_difference(result.params, expected_params) <= 1e-5
+    np.testing.assert_allclose(result.losses, expected_losses, atol=1e-5)
