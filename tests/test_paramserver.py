@@ -61,6 +61,25 @@ async def test_counts_the_values_it_communicates(autojump_clock):
         assert counts.params_down == 3 * n_params and counts.grads_up == 3 * n_params
         assert counts.inputs == 12 * 5 and counts.targets == 12 and counts.losses == 3
     assert result.values.total == 4 * (2 * 3 * 66 + 60 + 12 + 3)
+    first, second = result.values_per_epoch(2)
+    assert first.total == second.total == result.values.total // 2
+
+
+def test_ringtmp_analytic_counts_match_the_thesis_for_mnist():
+    """784-50-50-10 on 60,000 samples: the thesis's parameter server (5.08e9 values per epoch)
+    is ours with one sample per worker per step; its ring (1.32e7) is our 3-stage pipeline's
+    cut traffic (1.2e7) plus 10-wide outputs and one-hot targets."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "simulations"))
+    import ringtmp
+
+    widths = (784, 50, 50, 10)
+    ps = ringtmp.ps_values_per_epoch(widths, 60_000, batch_size=3, workers=3)
+    assert ps["params"] + ps["gradients"] == pytest.approx(5.08e9, rel=1e-3)
+    pipe = ringtmp.pipeline_values_per_epoch(widths, 60_000, microbatches_per_epoch=15_000)
+    assert pipe["activations"] + pipe["gradients"] + 20 * 60_000 == pytest.approx(1.32e7, rel=1e-3)
 
 
 async def test_over_the_simulated_network_time_follows_the_links(autojump_clock):

@@ -90,10 +90,21 @@ class PSResult:
     @property
     def values(self) -> ValueCounts:
         """All values communicated during the run."""
-        total = ValueCounts()
-        for counts in self.values_per_step:
-            total = total + counts
-        return total
+        return _total(self.values_per_step)
+
+    def values_per_epoch(self, steps_per_epoch: int) -> list[ValueCounts]:
+        """Values communicated in each epoch of `steps_per_epoch` steps (the last may be partial)."""
+        if steps_per_epoch < 1:
+            raise ValueError("steps_per_epoch must be at least 1")
+        per_step = self.values_per_step
+        return [_total(per_step[i:i + steps_per_epoch]) for i in range(0, len(per_step), steps_per_epoch)]
+
+
+def _total(counts: list[ValueCounts]) -> ValueCounts:
+    total = ValueCounts()
+    for c in counts:
+        total = total + c
+    return total
 
 
 async def run_parameter_server(transport: Transport, workers: Sequence[str], spec: PSSpec,
