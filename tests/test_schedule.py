@@ -28,7 +28,6 @@ def test_last_stage_waits_for_its_target():
 @pytest.mark.parametrize("bad", [
     lambda i: i.add_forward(1, 0, "x"),        # wrong step
     lambda i: i.add_forward(0, 4, "x"),        # micro-batch out of range
-    lambda i: (i.add_forward(0, 0, "x"), i.add_forward(0, 0, "x")),   # duplicate
     lambda i: i.add_target(0, 0, "y"),         # targets only to the last stage
 ])
 def test_inbox_rejects_bad_messages(bad):
@@ -86,3 +85,12 @@ def test_replica_takes_only_its_microbatches_and_the_others_gradients():
     while (task := inbox.next_task()) is not None:
         order.append((task.kind, task.mb))
     assert order == [("forward", 3), ("grads", 0), ("grads", 2)]
+
+
+def test_duplicates_are_dropped_never_run_twice():
+    inbox = StageInbox(microbatches=2, is_last=False, capacity=16)
+    inbox.add_forward(0, 0, "x0")
+    inbox.add_forward(0, 0, "x0 again")
+    assert inbox.next_task().x == "x0"
+    inbox.add_forward(0, 0, "x0 once more")   # already consumed: still a duplicate
+    assert inbox.next_task() is None and inbox.duplicates_dropped == 2

@@ -35,7 +35,8 @@ class Task:
 
 @dataclass
 class StageInbox:
-    """Work waiting on one stage for the current step.
+    """Work waiting on one stage for the current step. Items are keyed by (kind, step,
+    micro-batch) within a job epoch; a duplicate is dropped (and counted), never run twice.
 
     `is_last`: forwards wait for their targets and become "last" tasks. `capacity` bounds how
     many items may wait (the driver's window keeps honest senders far below it).
@@ -47,13 +48,16 @@ class StageInbox:
     replica: int = 0       # this stage is served by `replicas` peers; micro-batch mb is
     replicas: int = 1      # computed by replica mb % replicas, the others send its gradients
     step: int = 0
+    duplicates_dropped: int = 0
     _grads: dict[int, Any] = field(default_factory=dict)
     _forwards: dict[int, Any] = field(default_factory=dict)
     _targets: dict[int, Any] = field(default_factory=dict)
     _backwards: dict[int, Any] = field(default_factory=dict)
     _seen: set[tuple[str, int]] = field(default_factory=set)
 
-    def _admit(self, kind: str, step: int, mb: int) -> None:
+    def _admit(self, kind: str, step: int, mb: int) -> bool:
+        """Whether to keep the item: False for a duplicate (dropped, counted), ScheduleError
+        for anything that cannot come from an honest peer of this step."""
         if step != self.step:
             raise ScheduleError(f"{kind} for step {step} while the stage is at step {self.step}")
         if not 0 <= mb < self.microbatches:
@@ -62,31 +66,33 @@ class StageInbox:
             owner = "this replica" if kind == "grads" else f"replica {mb % self.replicas}"
             raise ScheduleError(f"{kind} for micro-batch {mb}, which {owner} computes")
         if (kind, mb) in self._seen:
-            raise ScheduleError(f"duplicate {kind} for step {step} micro-batch {mb}")
+            self.duplicates_dropped += 1
+            return False
         if self.pending() >= self.capacity:
             raise ScheduleError(f"more than {self.capacity} items waiting on the stage")
         self._seen.add((kind, mb))
+        return True
 
     def add_forward(self, step: int, mb: int, x: Any) -> None:
-        self._admit("forward", step, mb)
-        self._forwards[mb] = x
+        if self._admit("forward", step, mb):
+            self._forwards[mb] = x
 
     def add_target(self, step: int, mb: int, y: Any) -> None:
         if not self.is_last:
             raise ScheduleError("targets go to the last stage only")
-        self._admit("target", step, mb)
-        self._targets[mb] = y
+        if self._admit("target", step, mb):
+            self._targets[mb] = y
 
     def add_backward(self, step: int, mb: int, grad: Any) -> None:
         if self.is_last:
             raise ScheduleError("the last stage computes its own gradients")
-        self._admit("backward", step, mb)
-        self._backwards[mb] = grad
+        if self._admit("backward", step, mb):
+            self._backwards[mb] = grad
 
     def add_grads(self, step: int, mb: int, leaves: Any) -> None:
         """Another replica's parameter gradients of micro-batch `mb`."""
-        self._admit("grads", step, mb)
-        self._grads[mb] = leaves
+        if self._admit("grads", step, mb):
+            self._grads[mb] = leaves
 
     def owns(self, mb: int) -> bool:
         return mb % self.replicas == self.replica

@@ -127,6 +127,7 @@ class Recovery:
     failed_at_step: int   # the step in progress
     resumed_from_step: int
     seconds: float        # from the failure being noticed to the next committed step
+    noticed_at_s: float   # trio.current_time() when the driver noticed it
 
 
 @dataclass
@@ -139,6 +140,7 @@ class TrainResult:
     samples_per_step: int = 0
     recoveries: list[Recovery] = field(default_factory=list)
     epochs: int = 1
+    snapshot_times_s: list[float] = field(default_factory=list)   # fetching each snapshot
 
     @property
     def samples_per_s(self) -> float:
@@ -192,6 +194,7 @@ class _Driver:
         self.fingerprint = checkpoint.fingerprint(spec.params, self.opt_counts, spec.microbatches)
         self.dead: set[str] = set()
         self.step_times: list[float] = []
+        self.snapshot_times: list[float] = []
         self.recoveries: list[Recovery] = []
         self.shapes = _shapes(spec)
         self.samples_per_step = self.shapes.batch_size
@@ -229,7 +232,8 @@ class _Driver:
                 if done:
                     snapshot = self.snapshot
                     return TrainResult(snapshot.params, list(snapshot.losses), stages, the_plan,
-                                       self.step_times, self.samples_per_step, self.recoveries, epoch + 1)
+                                       self.step_times, self.samples_per_step, self.recoveries, epoch + 1,
+                                       self.snapshot_times)
             epoch, previous = epoch + 1, the_plan
 
     async def _live_peers(self, *, wait: bool) -> list[dict]:
@@ -293,16 +297,19 @@ class _Driver:
             if pending is not None:
                 failed_epoch, lost, failed_at, noticed_at = pending
                 self.recoveries.append(Recovery(failed_epoch, lost.peer_id, str(lost), failed_at, snapshot.step,
-                                                trio.current_time() - noticed_at))
+                                                trio.current_time() - noticed_at, noticed_at))
                 pending = None
             if self.on_step is not None:
                 self.on_step(step - 1, losses[-1], _samples_per_s(self.samples_per_step, self.step_times))
             await _report(self.directory, job, epoch, "training", step)
-            if period is None and len(self.step_times) >= _PERIOD_SAMPLES:
-                # Past the first steps, which include compilation and warm-up.
+            if self.config.snapshot_every_steps is None and len(self.step_times) >= _PERIOD_SAMPLES:
+                # Past the first steps, which include compilation and warm-up; re-chosen
+                # after each snapshot from what fetching one really cost.
                 period = self._snapshot_period(statistics.median(self.step_times[-_PERIOD_SAMPLES:]))
-            if (period is not None and step % period == 0) or step == spec.steps:
+            if (period is not None and step - self.snapshot.step >= period) or step == spec.steps:
+                started = trio.current_time()
                 self.snapshot = await job.snapshot(step, losses, self.opt_counts)
+                self.snapshot_times.append(trio.current_time() - started)
                 if spec.state_dir is not None:
                     checkpoint.save(spec.state_dir, self.snapshot, self.fingerprint)
                 if step < spec.steps and await self._should_rebalance(job):
@@ -317,8 +324,10 @@ class _Driver:
         `snapshot_overhead` of the training time. The state (params plus optimizer state,
         taken as 3x the params: Adam's two moments) crosses the slowest link in use once per
         period; a shorter period means fewer steps to replay after a failure."""
-        state_bytes = 3 * sum(c.param_bytes for c in self.costs)
-        fetch_s = state_bytes / max(self.min_bandwidth, 1.0)
+        if self.snapshot_times:
+            fetch_s = statistics.median(self.snapshot_times[-_PERIOD_SAMPLES:])
+        else:   # before the first snapshot: estimate from the state's size
+            fetch_s = 3 * sum(c.param_bytes for c in self.costs) / max(self.min_bandwidth, 1.0)
         return max(1, math.ceil(fetch_s / max(self.config.snapshot_overhead * step_time_s, 1e-9)))
 
     async def _should_rebalance(self, job: "_Job") -> bool:
