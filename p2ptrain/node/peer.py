@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import trio
@@ -50,6 +51,11 @@ class PeerConfig:
     crash_at: str | None = None      # fault injection for tests, see Peer._maybe_crash
     crash_token: str | None = None
     limits: ProgramLimits = field(default_factory=ProgramLimits)
+    # Modelled compute for simulation (DESIGN.md section 6): after each task's computation
+    # the peer sleeps `compute_delay_s(task_kind, job_id, stage)` seconds of (virtual) time,
+    # so a simulated stage costs what its FLOPs would cost on the simulated hardware. Task
+    # kinds: "forward", "backward", "last", "grads", "update". None: no extra time (real runs).
+    compute_delay_s: Callable[[str, str, int], float] | None = None
 
 
 @dataclass(frozen=True)
@@ -302,22 +308,30 @@ class Peer:
         log.warning("crash_at %s: killing this process", self.config.crash_at)
         os.kill(os.getpid(), signal.SIGKILL)
 
+    async def _modelled_compute(self, job: _StageJob, kind: str) -> None:
+        if self.config.compute_delay_s is not None:
+            await trio.sleep(self.config.compute_delay_s(kind, job.job_id, job.stage))
+
     async def _run_task(self, job: _StageJob, task: Task) -> None:
         ids = dict(job_id=job.job_id, step=task.step, mb=task.mb)
         runner = job.runner
         self._maybe_crash(task.kind, task.step, task.mb)
         if task.kind == "forward":
             y = await self._compute(lambda: runner.forward(task.mb, task.x))
+            await self._modelled_compute(job, "forward")
             await (await self._neighbour(job.route(job.next, task.mb))).send(message("forward", [y], **ids))
             return
         if task.kind == "grads":
             await self._compute(lambda: runner.add_grads(task.mb, task.grad))
+            await self._modelled_compute(job, "grads")
         else:
             if task.kind == "last":
                 loss, grad_in = await self._compute(lambda: runner.last(task.mb, task.x, task.y))
+                await self._modelled_compute(job, "last")
                 await (await self.link_to_driver(job)).send(message("loss", value=float(loss), **ids))
             else:
                 grad_in = await self._compute(lambda: runner.backward(task.mb, task.grad))
+                await self._modelled_compute(job, "backward")
             if job.prev:
                 await (await self._neighbour(job.route(job.prev, task.mb))).send(
                     message("backward", [grad_in], **ids))
@@ -329,6 +343,7 @@ class Peer:
         if len(runner.completed_microbatches) == job.inbox.microbatches:
             self._maybe_crash("update", task.step)
             await self._compute(runner.apply_update)
+            await self._modelled_compute(job, "update")
             job.own_done = 0
             job.inbox.next_step()
             await (await self.link_to_driver(job)).send(

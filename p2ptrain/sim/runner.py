@@ -1,0 +1,296 @@
+"""Run a scenario: the real bootstrap, peer and driver code over SimTransport, deterministically.
+
+`simulate(scenario, seed)` draws peers from the hardware profiles (their bandwidth and latency
+go into `SimNetwork.set_peer`, their FLOP/s into `PeerConfig` and the modelled compute), applies
+the seeded churn schedule (a crash = `network.kill(peer)` + cancelling the peer's tasks, as a
+dead process) and the scenario's scripted faults, trains the scenario's model for the virtual
+duration, and returns a `SimReport`. Everything runs under `run_deterministic(seed)`: the same
+seed and code give the same event trace (network events and the events recorded here), whose
+hash is `SimReport.trace_hash`. Wall time is read only to report it, never fed to the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import trio
+
+from .. import losses
+from ..compute import Sequential, profile_layers
+from ..node.bootstrap import serve_bootstrap
+from ..node.driver import DriverConfig, TrainingError, TrainSpec, _Driver
+from ..node.link import Link
+from ..node.peer import PeerConfig, serve_peer
+from ..profiles import PeerSample, draw_pool, load_profiles
+from ..transport.sim import LinkSpec, SimNetwork, SimTransport
+from .churn import ChurnEvent, SessionModel, churn_schedule
+from .compute import ComputeModel
+from .determinism import run_deterministic
+from .report import SimReport, summarise
+from .scenario import Fault, Scenario
+from .trace import Trace
+
+log = logging.getLogger("p2ptrain.sim")
+
+BOOTSTRAP = "bootstrap"
+DRIVER = "driver"
+# Virtual seconds between the initial peers starting and the driver planning: enough for a
+# slow peer's bandwidth probe (1 MiB) to reach the bootstrap.
+WARMUP_S = 30.0
+MAX_SIM_EVENTS = 1_000_000   # rows kept for the CSV (the trace hash covers everything)
+OPTIMIZER_LR = 1e-3
+
+
+def build_model(scenario: Scenario, seed: int):
+    """(model, batches, params): Dense layers with relu between, and a fixed seeded
+    classification task (labels from a random linear map), deterministic per step."""
+    m = scenario.model
+    layers: list = []
+    for i, width in enumerate(m.widths):
+        layers.append(nn.Dense(width))
+        if i + 1 < len(m.widths):
+            layers.append(jax.nn.relu)
+    model = Sequential(layers)
+    projection = np.random.default_rng(seed + 1).normal(size=(m.inputs, m.widths[-1])).astype(np.float32)
+
+    def batches(step: int):
+        rng = np.random.default_rng([seed, step])
+        x = rng.normal(size=(m.batch_size, m.inputs)).astype(np.float32)
+        return x, np.argmax(x @ projection, axis=1).astype(np.int32)
+
+    x_mb = batches(0)[0][: m.batch_size // m.microbatches]
+    params = model.init(jax.random.PRNGKey(seed), x_mb)
+    return model, batches, params
+
+
+def draw_peers(scenario: Scenario, rng: np.random.Generator):
+    """The initial pool and a function drawing the i-th arriving peer, both scaled by the
+    scenario's flops/memory/bandwidth scales. Deterministic in `rng`."""
+    profiles = load_profiles()
+    pool = [_scaled(s, scenario) for s in draw_pool(scenario.peers, rng, mix=scenario.mix, profiles=profiles)]
+    names = sorted(scenario.mix)
+    weights = np.array([scenario.mix[n] for n in names], dtype=float)
+    weights /= weights.sum()
+
+    def arrival(i: int) -> PeerSample:
+        name = names[int(rng.choice(len(names), p=weights))]
+        return _scaled(profiles[name].draw(1, rng, id_prefix=f"arrival{i:05d}-{name}")[0], scenario)
+
+    return pool, profiles, arrival
+
+
+def _scaled(s: PeerSample, sc: Scenario) -> PeerSample:
+    spec = type(s.spec)(s.spec.peer_id, int(s.spec.memory_bytes / sc.memory_scale),
+                        s.spec.flops_per_s / sc.flops_scale, s.spec.bandwidth_bytes_per_s / sc.bandwidth_scale)
+    return PeerSample(spec, s.profile, s.upload_bytes_per_s / sc.bandwidth_scale,
+                      s.download_bytes_per_s / sc.bandwidth_scale, s.latency_s, s.session_s)
+
+
+@dataclass
+class _State:
+    """What the run's tasks share (one trio run, so no locks are needed)."""
+
+    trace: Trace
+    network: SimNetwork
+    compute: ComputeModel
+    bootstrap_address: str = ""
+    samples: dict[str, PeerSample] = field(default_factory=dict)
+    scopes: dict[str, trio.CancelScope] = field(default_factory=dict)
+    live: set[str] = field(default_factory=set)
+    killed: set[str] = field(default_factory=set)
+    faulted: set[str] = field(default_factory=set)
+    stages: list = field(default_factory=list)   # the plan in force: StageAssignments
+    rows: list[tuple] = field(default_factory=list)   # (time_s, kind, peer, step, value)
+
+    def event(self, kind: str, peer: str = "", step: int = -1, value: float = 0.0) -> None:
+        now = trio.current_time()
+        self.trace.record(now, kind, peer, step, float(value))
+        if len(self.rows) < MAX_SIM_EVENTS:
+            self.rows.append((now, kind, peer, step, float(value), len(self.live)))
+
+
+def simulate(scenario: Scenario, seed: int, *, peers: int | None = None, hours: float | None = None,
+             baseline: bool = True, log_level: int = logging.ERROR) -> SimReport:
+    """Run `scenario` with `seed` (optionally overriding its peer count and duration) and
+    return its report. With `baseline`, also runs the churn- and fault-free scenario with
+    the run's mean live peer count (same seed) to compute goodput."""
+    scenario = scenario.with_overrides(peers=peers, hours=hours)
+    logging.getLogger("p2ptrain").setLevel(log_level)
+    started = time.perf_counter()
+    outcome = run_deterministic(_run, scenario, seed, seed=seed)
+    wall_s = time.perf_counter() - started
+    base = None
+    if baseline:
+        mean_peers = max(1, round(outcome["mean_live_peers"]))
+        calm = Scenario(**{**scenario.__dict__, "sessions": SessionModel("none"), "faults": (),
+                           "peers": mean_peers, "hours": min(scenario.hours, 0.05)})
+        base = run_deterministic(_run, calm, seed, seed=seed)
+    return summarise(scenario, seed, outcome, base, wall_s)
+
+
+async def _run(scenario: Scenario, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    model, batches, params = build_model(scenario, seed)
+    m = scenario.model
+    mb_size = m.batch_size // m.microbatches
+    costs = profile_layers(model, params, batches(0)[0][:mb_size])
+    trace = Trace(keep_events=0)
+    network = SimNetwork(seed, default_link=LinkSpec(latency_s=0.0), trace=trace)
+    state = _State(trace, network, ComputeModel(costs, mb_size))
+    pool, profiles, arrival = draw_peers(scenario, rng)
+    state.samples.update({s.spec.peer_id: s for s in pool})
+
+    def next_arrival(i: int) -> str:
+        sample = arrival(i)
+        state.samples[sample.spec.peer_id] = sample
+        return sample.spec.peer_id
+
+    def profile_session_s(peer_id: str, r: np.random.Generator) -> float:
+        return float(profiles[state.samples[peer_id].profile].availability.draw_s(r, 1)[0])
+
+    horizon_s = scenario.hours * 3600.0
+    schedule = churn_schedule([s.spec.peer_id for s in pool], scenario.sessions, horizon_s, rng,
+                              arrival_id=next_arrival, profile_session_s=profile_session_s)
+    # The bootstrap and the driver sit on a well-connected machine: not a bottleneck.
+    for node in (BOOTSTRAP, DRIVER):
+        network.set_peer(node, latency_s=0.01)
+    result: dict = {}
+    async with trio.open_nursery() as nursery:
+        state.bootstrap_address = await nursery.start(
+            serve_bootstrap, SimTransport(network, BOOTSTRAP), f"{BOOTSTRAP}:7070")
+        nursery.start_soon(_apply_churn, state, schedule.events, nursery)
+        for fault in scenario.faults:
+            nursery.start_soon(_apply_fault, state, fault, nursery)
+        await trio.sleep(WARMUP_S)
+        result = await _drive(state, scenario, model, batches, params, horizon_s)
+        nursery.cancel_scope.cancel()
+    live_s = _live_peer_seconds(state.rows, horizon_s)
+    result.update(trace_hash=trace.hash(), events=trace.count, rows=state.rows, killed=sorted(state.killed),
+                  faulted=sorted(state.faulted), mean_live_peers=live_s / horizon_s if horizon_s else 0.0,
+                  virtual_s=trio.current_time())
+    return result
+
+
+async def _drive(state: _State, scenario: Scenario, model, batches, params, horizon_s: float) -> dict:
+    m = scenario.model
+    spec = TrainSpec(model, batches, losses.softmax_cross_entropy, optax.adam(OPTIMIZER_LR), steps=10**9,
+                     microbatches=m.microbatches, params=list(params))
+    config = DriverConfig(wait_for_peers_s=max(600.0, horizon_s), max_recoveries=10**6)
+    steps: list[tuple[float, int, float]] = []
+
+    def on_plan(stages, epoch: int) -> None:
+        state.stages = list(stages)
+        state.compute.set_plan(epoch, [(s.start, s.stop) for s in stages])
+        state.event("plan", ",".join("+".join(s.peer_ids) for s in stages), epoch, len(stages))
+
+    def on_step(step: int, loss: float, _samples_per_s: float) -> None:
+        steps.append((trio.current_time(), step, loss))
+        state.event("step", "", step, loss)
+
+    transport = SimTransport(state.network, DRIVER)
+    directory = Link(await transport.connect(state.bootstrap_address))
+    driver = _Driver(transport, directory, spec, config, on_step, on_plan)
+    error = ""
+    with trio.move_on_at(horizon_s):
+        try:
+            await driver.run()
+        except TrainingError as exc:
+            error = str(exc)
+            state.event("training_error")
+    await directory.aclose()
+    for r in driver.recoveries:
+        state.event("recovery", r.peer_id, r.resumed_from_step, r.seconds)
+    return dict(steps=steps, recoveries=list(driver.recoveries), error=error,
+                samples_per_step=m.batch_size, microbatches=m.microbatches)
+
+
+def _live_peer_seconds(rows: list[tuple], horizon_s: float) -> float:
+    total, last_t, live = 0.0, 0.0, 0
+    for row in rows:
+        t = min(row[0], horizon_s)
+        total += live * (t - last_t)
+        last_t, live = t, row[5]
+    return total + live * max(0.0, horizon_s - last_t)
+
+
+async def _run_peer(state: _State, peer_id: str, config: PeerConfig, scope: trio.CancelScope) -> None:
+    with scope:
+        try:
+            await serve_peer(SimTransport(state.network, peer_id), config)
+        except Exception as exc:   # noqa: BLE001 - a peer that cannot start is a churn fact
+            state.event("peer_error", peer_id, -1, 0.0)
+            log.info("peer %s stopped: %s", peer_id, exc)
+
+
+def _start_peer(state: _State, peer_id: str, nursery: trio.Nursery) -> None:
+    s = state.samples[peer_id]
+    state.network.set_peer(peer_id, s.upload_bytes_per_s, s.download_bytes_per_s, s.latency_s)
+    config = PeerConfig(bootstrap=state.bootstrap_address, listen=f"{peer_id}:1",
+                        memory_bytes=max(1, s.spec.memory_bytes), flops_per_s=s.spec.flops_per_s,
+                        compute_in_thread=False,
+                        compute_delay_s=state.compute.for_peer(peer_id, s.spec.flops_per_s))
+    scope = state.scopes[peer_id] = trio.CancelScope()
+    state.live.add(peer_id)
+    state.event("join", peer_id)
+    nursery.start_soon(_run_peer, state, peer_id, config, scope)
+
+
+def _kill_peer(state: _State, peer_id: str) -> None:
+    """A crash: connections break now (no leave is announced), then the tasks stop."""
+    if peer_id not in state.live:
+        return
+    state.network.kill(peer_id)
+    state.scopes.pop(peer_id).cancel()
+    state.live.discard(peer_id)
+    state.killed.add(peer_id)
+    state.event("kill", peer_id)
+
+
+async def _apply_churn(state: _State, events: tuple[ChurnEvent, ...], nursery: trio.Nursery) -> None:
+    for e in events:
+        await trio.sleep_until(e.time_s)
+        if e.kind == "join":
+            _start_peer(state, e.peer_id, nursery)
+        else:
+            _kill_peer(state, e.peer_id)
+
+
+async def _apply_fault(state: _State, fault: Fault, nursery: trio.Nursery) -> None:
+    await trio.sleep_until(fault.at_s)
+    if fault.stage >= len(state.stages):
+        state.event("fault_skipped", fault.kind, fault.stage)
+        return
+    targets = [p for p in state.stages[fault.stage].peer_ids if p in state.live]
+    if not targets:
+        state.event("fault_skipped", fault.kind, fault.stage)
+        return
+    state.event(f"fault_{fault.kind}", "+".join(targets), fault.stage, fault.duration_s)
+    if fault.kind == "kill_stage":
+        for peer_id in targets:
+            _kill_peer(state, peer_id)
+        return
+    state.faulted.update(targets)
+    if fault.kind == "partition_stage":
+        others = sorted((set(state.samples) | {BOOTSTRAP, DRIVER}) - set(targets))
+        state.network.partition(targets, others)
+        await trio.sleep(fault.duration_s)
+        state.network.heal()
+    elif fault.kind == "pause":
+        state.network.pause(targets[0])
+        await trio.sleep(fault.duration_s)
+        state.network.resume(targets[0])
+    elif fault.kind == "slow":
+        for peer_id in targets:
+            state.compute.slowdown[peer_id] = fault.factor
+        await trio.sleep(fault.duration_s)
+        for peer_id in targets:
+            state.compute.slowdown.pop(peer_id, None)
+    state.event(f"fault_{fault.kind}_end", "+".join(targets), fault.stage)
+
+
