@@ -142,3 +142,14 @@ async def test_over_real_tls_on_loopback():
                                                        optimizer, steps=3, microbatches=2, params=params)
     assert max_abs_difference(result.params, expected_params) <= 1e-5
     np.testing.assert_allclose(result.losses, expected_losses, atol=1e-5)
+
+
+async def test_a_worker_lost_mid_run_stops_the_job_with_a_clear_error(autojump_clock):
+    network = SimNetwork(seed=1)
+
+    def kill_worker_1(step, loss):
+        if step == 1:
+            network.kill("ps-worker-1")
+
+    with pytest.raises(ParameterServerError, match="worker 1"):
+        await train(network, SimTransport, workers=3, on_step=kill_worker_1)

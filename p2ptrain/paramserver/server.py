@@ -34,6 +34,10 @@ from .messages import ProtocolError, message, validate
 from .program import export_grad_program, shard_specs
 
 
+# Bound on telling a worker the job ended before closing its link anyway.
+END_TIMEOUT_S = 1.0
+
+
 class ParameterServerError(Exception):
     """Training could not start or go on (a worker unreachable, failing, or too slow)."""
 
@@ -136,13 +140,15 @@ async def run_parameter_server(transport: Transport, workers: Sequence[str], spe
         except BaseExceptionGroup as group:
             raise sole_error(group) from None
     finally:
-        for link in links:
-            with trio.move_on_after(1.0):
-                try:
-                    await link.send(message("ps_end", job_id=job_id))
-                except (LinkClosed, FrameError):
-                    pass
-            await link.aclose()
+        # Shielded: a cancelled run still says goodbye (bounded) and closes every link.
+        with trio.CancelScope(shield=True):
+            for link in links:
+                with trio.move_on_after(END_TIMEOUT_S):
+                    try:
+                        await link.send(message("ps_end", job_id=job_id))
+                    except (LinkClosed, FrameError):
+                        pass
+                await link.aclose()
 
 
 class _Server:
@@ -153,6 +159,13 @@ class _Server:
         self.config = config
         self.leaves = flatten_params(spec.params)
         self.treedef = jax.tree_util.tree_structure(list(spec.params))
+
+    async def _send(self, index: int, frame) -> None:
+        link = self.links[index]
+        try:
+            await link.send(frame)
+        except LinkClosed as exc:
+            raise ParameterServerError(f"worker {index} ({link.remote_peer_id[:12]}): {exc}") from None
 
     async def _reply(self, index: int, kind: str):
         """The next message from worker `index`, which must be `kind` of this job."""
@@ -169,8 +182,8 @@ class _Server:
 
     async def load(self, blob: bytes) -> None:
         async def load_one(index: int) -> None:
-            await self.links[index].send(message("ps_load", job_id=self.job_id, worker=index,
-                                                 workers=len(self.links), n_params=len(self.leaves), program=blob))
+            await self._send(index, message("ps_load", job_id=self.job_id, worker=index, workers=len(self.links),
+                                            n_params=len(self.leaves), program=blob))
             await self._reply(index, "ps_ready")
 
         with trio.fail_after(self.config.ready_timeout_s):
@@ -202,8 +215,7 @@ class _Server:
             replies: list[Any] = [None] * workers
 
             async def work(index: int, x_shard: np.ndarray, y_shard: np.ndarray) -> None:
-                await self.links[index].send(message("ps_step", [*leaves, x_shard, y_shard],
-                                                     job_id=self.job_id, step=step))
+                await self._send(index, message("ps_step", [*leaves, x_shard, y_shard], job_id=self.job_id, step=step))
                 reply = await self._reply(index, "ps_grads")
                 grads = reply.arrays
                 if reply.fields["step"] != step or [(g.shape, g.dtype) for g in grads] != [
