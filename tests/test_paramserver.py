@@ -153,3 +153,30 @@ async def test_a_worker_lost_mid_run_stops_the_job_with_a_clear_error(autojump_c
 
     with pytest.raises(ParameterServerError, match="worker 1"):
         await train(network, SimTransport, workers=3, on_step=kill_worker_1)
+
+
+async def test_worker_processes_over_tls_pinned_by_peer_id():
+    """`python -m p2ptrain.paramserver` prints its id and address; the server pins it; SIGTERM
+    stops it with exit 0. A wrong pinned id is refused."""
+    import signal
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "p2ptrain.paramserver", "--listen", "127.0.0.1:0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = await trio.to_thread.run_sync(process.stdout.readline)
+        _, peer_id, _, _, address = line.split()
+        model = small_model()
+        params = model.init(jax.random.PRNGKey(1), batches(0)[0][:4])
+        common = dict(loss=p2ptrain.losses.softmax_cross_entropy, optimizer=optax.sgd(0.1), steps=2, params=params)
+        with trio.fail_after(60):
+            result = await train_parameter_server_async(model, batches, workers=[f"{peer_id}@{address}"], **common)
+            with pytest.raises(ParameterServerError, match="cannot reach worker 0"):
+                await train_parameter_server_async(model, batches, workers=[f"{'0' * len(peer_id)}@{address}"], **common)
+        expected_params, _ = reference_train(model, batches, p2ptrain.losses.softmax_cross_entropy, optax.sgd(0.1),
+                                             steps=2, microbatches=1, params=params)
+        assert max_abs_difference(result.params, expected_params) <= 1e-5
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await trio.to_thread.run_sync(process.wait, 30) == 0

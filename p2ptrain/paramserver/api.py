@@ -45,9 +45,11 @@ async def train_parameter_server_async(
 ) -> PSResult:
     """Train with a parameter server; returns a `PSResult` (.params, .losses, .values, ...).
 
-    workers: addresses of running workers (`paramserver.serve_worker`), in shard order; or a
-        number, to start that many workers in this trio run (named "ps-worker-<i>", each on
-        its own transport listening on `worker_listen`) for the length of the job.
+    workers: addresses of running workers (`python -m p2ptrain.paramserver`, or
+        `paramserver.serve_worker`), in shard order, each "HOST:PORT" or "PEER_ID@HOST:PORT"
+        (pinned); or a number, to start that many workers in this trio run (named
+        "ps-worker-<i>", each on its own transport listening on `worker_listen`) for the
+        length of the job.
     transport_factory: peer name -> Transport; called with "ps-server" for the server and
         with each local worker's name. Default: TLS with a fresh identity for each.
     Semantics: at step t, `batches(t)` is split into len(workers) equal shards; the step loss

@@ -114,7 +114,8 @@ def _total(counts: list[ValueCounts]) -> ValueCounts:
 async def run_parameter_server(transport: Transport, workers: Sequence[str], spec: PSSpec,
                                config: ServerConfig = ServerConfig(),
                                on_step: Callable[[int, float], None] | None = None) -> PSResult:
-    """Train `spec` with the workers at `workers` (addresses, in shard order).
+    """Train `spec` with the workers at `workers`, in shard order: "HOST:PORT", or
+    "PEER_ID@HOST:PORT" to accept only the worker holding that identity.
 
     Raises ParameterServerError with a one-line reason if a worker cannot be reached,
     refuses the program, fails a step, or does not answer within the timeouts.
@@ -128,9 +129,12 @@ async def run_parameter_server(transport: Transport, workers: Sequence[str], spe
     links: list[Link] = []
     try:
         try:
-            for address in workers:
+            for entry in workers:
+                # "PEER_ID@HOST:PORT" pins the worker's identity; a bare address trusts on first use.
+                expected, _, address = entry.rpartition("@")
                 with trio.fail_after(config.connect_timeout_s):
-                    links.append(Link(await transport.connect(address), max_frame_bytes=config.max_frame_bytes))
+                    connection = await transport.connect(address, expected or None)
+                links.append(Link(connection, max_frame_bytes=config.max_frame_bytes))
         except (TransportError, trio.TooSlowError) as exc:
             raise ParameterServerError(f"cannot reach worker {len(links)} at {workers[len(links)]}: {exc}") from None
         server = _Server(job_id, links, spec, config)
