@@ -180,3 +180,16 @@ async def test_worker_processes_over_tls_pinned_by_peer_id():
     finally:
         process.send_signal(signal.SIGTERM)
         assert await trio.to_thread.run_sync(process.wait, 30) == 0
+
+
+def test_same_seed_same_trace_over_a_jittery_simulated_network():
+    from p2ptrain.sim.determinism import run_deterministic
+    from p2ptrain.sim.trace import Trace
+
+    def run(seed):
+        trace = Trace(keep_events=0)
+        network = SimNetwork(seed=seed, default_link=LinkSpec(latency_s=0.01, jitter_s=0.01), trace=trace)
+        run_deterministic(train, network, SimTransport, 3, 2, seed=seed)
+        return trace.hash()
+
+    assert run(4) == run(4) != run(5)

@@ -14,7 +14,7 @@ which is one end of every link.
 
 from __future__ import annotations
 
-import uuid
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,7 +125,9 @@ async def run_parameter_server(transport: Transport, workers: Sequence[str], spe
     x0, y0 = as_batch(*spec.batches(0))
     x_spec, y_spec = shard_specs(x0, y0, len(workers))
     blob = export_grad_program(spec.model, spec.loss, spec.params, x_spec=x_spec, y_spec=y_spec)
-    job_id = uuid.uuid4().hex
+    # Deterministic (no global randomness in node code): a job is one link per worker, so
+    # the id only has to tell this job's messages from another's on a reused worker.
+    job_id = f"ps-{transport.peer_id[:12]}-{hashlib.sha256(blob).hexdigest()[:16]}"
     links: list[Link] = []
     try:
         try:
