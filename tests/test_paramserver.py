@@ -193,3 +193,16 @@ def test_same_seed_same_trace_over_a_jittery_simulated_network():
         return trace.hash()
 
     assert run(4) == run(4) != run(5)
+
+
+async def test_a_silent_worker_times_out_with_a_clear_error(autojump_clock):
+    from p2ptrain.paramserver import ServerConfig
+
+    network = SimNetwork(seed=2)
+
+    def pause_worker_2(step, loss):
+        if step == 0:
+            network.pause("ps-worker-2")
+
+    with pytest.raises(ParameterServerError, match="more than 5 s to answer step 1"):
+        await train(network, SimTransport, workers=3, on_step=pause_worker_2, config=ServerConfig(step_timeout_s=5))

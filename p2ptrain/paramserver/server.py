@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,7 +193,7 @@ class _Server:
                                             n_params=len(self.leaves), program=blob))
             await self._reply(index, "ps_ready")
 
-        with trio.fail_after(self.config.ready_timeout_s):
+        with _deadline(self.config.ready_timeout_s, "to load the gradient program"):
             async with trio.open_nursery() as nursery:
                 for index in range(len(self.links)):
                     nursery.start_soon(load_one, index)
@@ -229,7 +230,7 @@ class _Server:
                     raise ParameterServerError(f"worker {index}: gradients of the wrong step or shapes")
                 replies[index] = reply
 
-            with trio.fail_after(self.config.step_timeout_s):
+            with _deadline(self.config.step_timeout_s, f"to answer step {step}"):
                 async with trio.open_nursery() as nursery:
                     for index, (xs, ys) in enumerate(zip(np.split(x, workers), np.split(y, workers))):
                         counts.params_down += sum(p.size for p in leaves)
@@ -250,3 +251,13 @@ class _Server:
                 on_step(step, loss)
         result.params = unflatten_params(self.treedef, [np.asarray(p) for p in params])
         return result
+
+
+@contextmanager
+def _deadline(seconds: float, what: str):
+    """trio.fail_after whose timeout is a ParameterServerError saying what was too slow."""
+    try:
+        with trio.fail_after(seconds):
+            yield
+    except trio.TooSlowError:
+        raise ParameterServerError(f"the workers took more than {seconds:g} s {what}") from None
