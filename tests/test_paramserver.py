@@ -206,3 +206,22 @@ async def test_a_silent_worker_times_out_with_a_clear_error(autojump_clock):
 
     with pytest.raises(ParameterServerError, match="more than 5 s to answer step 1"):
         await train(network, SimTransport, workers=3, on_step=pause_worker_2, config=ServerConfig(step_timeout_s=5))
+
+
+def test_a_program_with_another_signature_is_refused():
+    from p2ptrain.compute import ProgramRejected
+    from p2ptrain.paramserver.program import GradProgram, shard_specs
+
+    model = small_model()
+    x, y = batches(0)
+    params = model.init(jax.random.PRNGKey(1), x[:4])
+    blob = export_grad_program(model, p2ptrain.losses.softmax_cross_entropy, params,
+                               x_spec=shard_specs(x, y, 3)[0], y_spec=shard_specs(x, y, 3)[1])
+    program = GradProgram.load(blob, 4, ProgramLimits())
+    leaves = [np.asarray(a) for a in jax.tree_util.tree_leaves(params)]
+    loss, grads = program([*leaves, x[:4], y[:4]])
+    assert np.isfinite(loss) and [g.shape for g in grads] == [a.shape for a in leaves]
+    with pytest.raises(ProgramRejected, match="inputs are"):
+        GradProgram.load(blob, 3, ProgramLimits())
+    with pytest.raises(ValueError, match="array 4"):
+        program([*leaves, x[:5], y[:5]])
