@@ -48,6 +48,8 @@ class SimReport:
     kills: int
     mean_live_peers: float
     error: str
+    predicted_step_s: float | None = None   # cost model (planner.step_time) of the last plan
+    measured_step_s: float | None = None    # median step time under the last plan
     rows: tuple = ()     # (time_s, kind, peer, step, value, live_peers) events for CSV/plot
 
     @property
@@ -91,7 +93,20 @@ def summarise(scenario: Scenario, seed: int, outcome: dict, baseline: dict | Non
         replayed_steps=replayed, lost_microbatches=replayed * outcome["microbatches"],
         false_suspicions=sum(1 for r in recoveries if r.peer_id not in innocent),
         kills=len(outcome["killed"]), mean_live_peers=outcome["mean_live_peers"], error=outcome["error"],
+        predicted_step_s=outcome["plans"][-1][1] if outcome["plans"] else None,
+        measured_step_s=_last_plan_step_s(outcome),
         rows=tuple(outcome["rows"]))
+
+
+def _last_plan_step_s(outcome: dict) -> float | None:
+    """Median time between consecutive committed steps under the last plan, leaving out the
+    first step after it (loading)."""
+    if not outcome["plans"]:
+        return None
+    since = outcome["plans"][-1][0]
+    times = [t for t, _, _ in outcome["steps"] if t > since]
+    gaps = np.diff(times[1:]) if len(times) > 2 else []
+    return float(np.median(gaps)) if len(gaps) else None
 
 
 def summary_table(r: SimReport) -> str:
@@ -104,7 +119,9 @@ def summary_table(r: SimReport) -> str:
         ("goodput", f(r.goodput, "{:.3f}")), ("peer kills", r.kills), ("failures (recoveries)", r.failures),
         ("recovery p50 / p99", f"{f(r.recovery_p50_s, '{:.1f}')} / {f(r.recovery_p99_s, '{:.1f}')} s"),
         ("lost micro-batches", f"{r.lost_microbatches} ({r.replayed_steps} steps replayed)"),
-        ("false suspicions", r.false_suspicions), ("trace hash", r.trace_hash),
+        ("false suspicions", r.false_suspicions),
+        ("step time: measured / cost model", f"{f(r.measured_step_s, '{:.3f}')} / {f(r.predicted_step_s, '{:.3f}')} s"),
+        ("trace hash", r.trace_hash),
     ]
     if r.error:
         lines.append(("stopped", r.error))

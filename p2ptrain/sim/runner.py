@@ -11,6 +11,7 @@ hash is `SimReport.trace_hash`. Wall time is read only to report it, never fed t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import numpy as np
 import optax
 import trio
 
-from .. import losses
+from .. import losses, planner
 from ..compute import Sequential, profile_layers
 from ..node.bootstrap import serve_bootstrap
 from ..node.driver import DriverConfig, TrainingError, TrainSpec, _Driver
@@ -43,7 +44,8 @@ DRIVER = "driver"
 # Virtual seconds between the initial peers starting and the driver planning: enough for a
 # slow peer's bandwidth probe (1 MiB) to reach the bootstrap.
 WARMUP_S = 30.0
-MAX_SIM_EVENTS = 1_000_000   # rows kept for the CSV (the trace hash covers everything)
+MAX_SIM_EVENTS = 1_000_000
+BASELINE_HOURS = 0.05   # the churn-free reference run is at most this long (steady state)   # rows kept for the CSV (the trace hash covers everything)
 OPTIMIZER_LR = 1e-3
 
 
@@ -116,22 +118,63 @@ class _State:
 
 
 def simulate(scenario: Scenario, seed: int, *, peers: int | None = None, hours: float | None = None,
-             baseline: bool = True, log_level: int = logging.ERROR) -> SimReport:
+             baseline: bool = True, log_level: int = logging.CRITICAL) -> SimReport:
     """Run `scenario` with `seed` (optionally overriding its peer count and duration) and
     return its report. With `baseline`, also runs the churn- and fault-free scenario with
     the run's mean live peer count (same seed) to compute goodput."""
     scenario = scenario.with_overrides(peers=peers, hours=hours)
     logging.getLogger("p2ptrain").setLevel(log_level)
     started = time.perf_counter()
-    outcome = run_deterministic(_run, scenario, seed, seed=seed)
-    wall_s = time.perf_counter() - started
-    base = None
-    if baseline:
-        mean_peers = max(1, round(outcome["mean_live_peers"]))
-        calm = Scenario(**{**scenario.__dict__, "sessions": SessionModel("none"), "faults": (),
-                           "peers": mean_peers, "hours": min(scenario.hours, 0.05)})
-        base = run_deterministic(_run, calm, seed, seed=seed)
+    with memoised_stage_exports():
+        outcome = run_deterministic(_run, scenario, seed, seed=seed)
+        wall_s = time.perf_counter() - started
+        base = None
+        if baseline:
+            mean_peers = max(1, round(outcome["mean_live_peers"]))
+            calm = Scenario(**{**scenario.__dict__, "sessions": SessionModel("none"), "faults": (),
+                               "peers": mean_peers, "hours": min(scenario.hours, BASELINE_HOURS)})
+            base = run_deterministic(_run, calm, seed, seed=seed)
     return summarise(scenario, seed, outcome, base, wall_s)
+
+
+@contextlib.contextmanager
+def memoised_stage_exports(max_entries: int = 4096):
+    """Within the block, the driver's `export_stage` and `residual_bytes_per_sample` are
+    memoised by what determines their result: the layer span, the micro-batch specs and the
+    flags (one model, loss and optimizer per simulation, and exports depend only on param
+    shapes). Why: a churn simulation re-plans hundreds of times, mostly onto spans it has
+    exported before, and exporting is most of its wall time; the bundles are identical bytes,
+    so the simulated run is unchanged. Restored on exit."""
+    from ..node import driver as driver_module
+
+    original_export, original_residual = driver_module.export_stage, driver_module.residual_bytes_per_sample
+    exports: dict = {}
+    residuals: dict = {}
+
+    def spec_key(spec):
+        return None if spec is None else (tuple(spec.shape), str(spec.dtype))
+
+    def export_stage(model, start, stop, stage_params, **kw):
+        key = (id(model), start, stop, spec_key(kw.get("x_spec")), spec_key(kw.get("y_spec")),
+               kw.get("microbatches"), kw.get("is_last"), kw.get("keep_residuals"), id(kw.get("loss")),
+               id(kw.get("optimizer")))
+        if key not in exports:
+            if len(exports) >= max_entries:
+                exports.clear()
+            exports[key] = original_export(model, start, stop, stage_params, **kw)
+        return exports[key]
+
+    def residual_bytes_per_sample(model, start, stop, stage_params, x_spec):
+        key = (id(model), start, stop, spec_key(x_spec))
+        if key not in residuals:
+            residuals[key] = original_residual(model, start, stop, stage_params, x_spec)
+        return residuals[key]
+
+    driver_module.export_stage, driver_module.residual_bytes_per_sample = export_stage, residual_bytes_per_sample
+    try:
+        yield
+    finally:
+        driver_module.export_stage, driver_module.residual_bytes_per_sample = original_export, original_residual
 
 
 async def _run(scenario: Scenario, seed: int) -> dict:
@@ -183,11 +226,19 @@ async def _drive(state: _State, scenario: Scenario, model, batches, params, hori
                      microbatches=m.microbatches, params=list(params))
     config = DriverConfig(wait_for_peers_s=max(600.0, horizon_s), max_recoveries=10**6)
     steps: list[tuple[float, int, float]] = []
+    plans: list[tuple[float, float]] = []   # (time planned, cost-model step time)
+    sizes = dict(in_bytes=batches(0)[0][0].nbytes, batch_size=m.batch_size,
+                 microbatch_size=m.batch_size // m.microbatches)
 
     def on_plan(stages, epoch: int) -> None:
         state.stages = list(stages)
         state.compute.set_plan(epoch, [(s.start, s.stop) for s in stages])
-        state.event("plan", ",".join("+".join(s.peer_ids) for s in stages), epoch, len(stages))
+        # The cost model's step time for this plan on the peers' true (scaled) hardware.
+        the_plan = planner.Plan([planner.Stage(s.start, s.stop, tuple(s.peer_ids)) for s in stages])
+        specs = [state.samples[p].spec for s in stages for p in s.peer_ids]
+        predicted_s = planner.step_time(the_plan, state.compute.costs, specs, **sizes)
+        plans.append((trio.current_time(), predicted_s))
+        state.event("plan", ",".join("+".join(s.peer_ids) for s in stages), epoch, predicted_s)
 
     def on_step(step: int, loss: float, _samples_per_s: float) -> None:
         steps.append((trio.current_time(), step, loss))
@@ -206,7 +257,7 @@ async def _drive(state: _State, scenario: Scenario, model, batches, params, hori
     await directory.aclose()
     for r in driver.recoveries:
         state.event("recovery", r.peer_id, r.resumed_from_step, r.seconds)
-    return dict(steps=steps, recoveries=list(driver.recoveries), error=error,
+    return dict(steps=steps, plans=plans, recoveries=list(driver.recoveries), error=error,
                 samples_per_step=m.batch_size, microbatches=m.microbatches)
 
 
