@@ -195,6 +195,7 @@ class _Driver:
         self.dead: set[str] = set()
         self.step_times: list[float] = []
         self.snapshot_times: list[float] = []
+        self.exported: dict = {}
         self.recoveries: list[Recovery] = []
         self.shapes = _shapes(spec)
         self.samples_per_step = self.shapes.batch_size
@@ -259,7 +260,7 @@ class _Driver:
             await trio.sleep(1.0)
 
     def _plan(self, peers: list[dict], previous: planner.Plan | None):
-        return _plan_job(self.spec, self.costs, self.shapes, peers, previous)
+        return _plan_job(self.spec, self.costs, self.shapes, peers, previous, self.exported)
 
     async def _run_epoch(self, epoch, stages, the_plan, bundles, pending) -> bool:
         """Train from the latest snapshot until done (True), a rebalance (False), or a lost
@@ -389,9 +390,14 @@ def _peer_specs(peers: list[dict]) -> list[planner.PeerSpec]:
             for p in peers]
 
 
-def _plan_job(spec: TrainSpec, costs, shapes: _Shapes, peers: list[dict], previous: planner.Plan | None):
+def _plan_job(spec: TrainSpec, costs, shapes: _Shapes, peers: list[dict], previous: planner.Plan | None,
+              exported: dict):
     """Plan the model onto `peers` (re-planning from `previous` after churn, which keeps
-    stages in place where it can) and export each stage. Pure compute, no I/O."""
+    stages in place where it can) and export each stage. Pure compute, no I/O.
+
+    `exported` caches bundles by (start, stop, keep_residuals): a stage that survives a
+    re-plan is not exported again, and its byte-identical programs hit the peers' compile
+    cache, which keeps recovery short."""
     specs = _peer_specs(peers)
     if previous is None:
         the_plan = planner.plan(costs, specs, state_factor=spec.state_factor, **shapes.sizes)
@@ -406,11 +412,15 @@ def _plan_job(spec: TrainSpec, costs, shapes: _Shapes, peers: list[dict], previo
         is_last = index == len(stages) - 1
         stage_params = spec.params[stage.start:stage.stop]
         memory_bytes = min(by_id[p]["memory_bytes"] for p in stage.peer_ids)
-        bundles.append(export_stage(
-            spec.model, stage.start, stage.stop, stage_params, x_spec=x_spec,
-            y_spec=jax.ShapeDtypeStruct(shapes.y_mb.shape, shapes.y_mb.dtype) if is_last else None,
-            loss=spec.loss, optimizer=spec.optimizer, microbatches=spec.microbatches, is_last=is_last,
-            keep_residuals=_residuals_fit(spec, costs, stages, index, x_spec, memory_bytes, shapes.sizes)))
+        keep_residuals = _residuals_fit(spec, costs, stages, index, x_spec, memory_bytes, shapes.sizes)
+        key = (stage.start, stage.stop, keep_residuals)
+        if key not in exported:
+            exported[key] = export_stage(
+                spec.model, stage.start, stage.stop, stage_params, x_spec=x_spec,
+                y_spec=jax.ShapeDtypeStruct(shapes.y_mb.shape, shapes.y_mb.dtype) if is_last else None,
+                loss=spec.loss, optimizer=spec.optimizer, microbatches=spec.microbatches, is_last=is_last,
+                keep_residuals=keep_residuals)
+        bundles.append(exported[key])
         out = jax.eval_shape(lambda p, x: spec.model.apply_range(p, x, stage.start, stage.stop),
                              stage_params, x_spec)
         x_spec = jax.ShapeDtypeStruct(out.shape, out.dtype)
