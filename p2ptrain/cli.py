@@ -83,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="start a local swarm and train an MLP on the digits data set")
     p.add_argument("--churn", action="store_true", help="kill -9 a peer mid-run and show the recovery")
+
+    p = sub.add_parser("simulate", help="run a scenario on a simulated swarm (deterministic per seed)")
+    p.add_argument("scenario", help="scenario TOML file, e.g. simulations/scenarios/churn_weibull.toml")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peers", type=_positive_int, help="override the scenario's peer count")
+    p.add_argument("--hours", type=float, help="override the scenario's virtual duration")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out", default="out", help="directory for the events CSV and the plot (default out/)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the churn-free run (no goodput)")
     return parser
 
 
@@ -100,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo(churn=args.churn)
+    if args.command == "simulate":
+        from .sim.cli import run_simulate
+
+        return run_simulate(args)
     import trio
 
     from .transport.base import TransportError

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Five desktops with short sessions: several crashes and arrivals in two virtual minutes.
 TINY_CHURN = {
-    "name": "tiny_churn", "hours": 110 / 3600,
+    "name": "tiny_churn", "hours": 90 / 3600,
     "swarm": {"peers": 5, "mix": {"desktop_cpu": 1.0}, "flops_scale": 3e7, "memory_scale": 1e5,
               "bandwidth_scale": 10.0},
     "model": {"inputs": 8, "widths": [16, 16, 4], "batch_size": 16, "microbatches": 4},
@@ -23,7 +23,7 @@ TINY_CHURN = {
 # Two desktops that each hold about half the model; compute-bound (a micro-batch computes
 # for much longer than a message travels), 16 micro-batches per step.
 CALM = {
-    "name": "calm", "hours": 250 / 3600,
+    "name": "calm", "hours": 200 / 3600,
     "swarm": {"peers": 2, "mix": {"desktop_cpu": 1.0}, "flops_scale": 1e6, "memory_scale": 7e4,
               "bandwidth_scale": 1.0},
     "model": {"inputs": 32, "widths": [64, 64, 64, 4], "batch_size": 64, "microbatches": 16},
@@ -54,3 +54,22 @@ def test_churn_free_step_time_agrees_with_the_cost_model():
     assert len(plans) == 1 and "," in plans[0][2]   # one plan, at least two stages
     assert report.failures == 0 and report.steps >= 10
     assert abs(report.measured_step_s / report.predicted_step_s - 1) < 0.10
+
+
+def test_simulate_command_prints_json_and_writes_csv_and_plot(tmp_path):
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(
+        'name = "tiny"\nhours = 0.012\n[swarm]\npeers = 2\nmix = { desktop_cpu = 1.0 }\n'
+        'flops_scale = 1e6\nmemory_scale = 7e4\n'
+        '[model]\ninputs = 32\nwidths = [64, 64, 64, 4]\nbatch_size = 64\nmicrobatches = 16\n')
+    out = subprocess.run([sys.executable, "-m", "p2ptrain", "simulate", str(scenario), "--seed", "3", "--json",
+                          "--no-baseline", "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(report["trace_hash"]) == 64 and report["steps"] >= 1 and report["failures"] == 0
+    assert (tmp_path / "out" / "tiny-seed3.csv").read_text().startswith("time_s,kind,peer")
+    assert (tmp_path / "out" / "tiny-seed3.png").stat().st_size > 1000
+    bad = subprocess.run([sys.executable, "-m", "p2ptrain", "simulate", str(tmp_path / "missing.toml")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

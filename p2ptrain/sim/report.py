@@ -154,12 +154,14 @@ def write_png(r: SimReport, path: Path, *, bucket_s: float | None = None) -> Non
     ax1.set_ylabel("steps / s")
     for t in [row[0] for row in r.rows if row[1] == "kill"]:
         ax1.axvline(t, color="red", alpha=0.25, lw=0.8)
+    for t in [row[0] for row in r.rows if row[1].startswith("fault_") and not row[1].endswith("_end")]:
+        ax1.axvline(t, color="orange", alpha=0.8, lw=1.2, ls="--")
     ax1.set_title(f"{r.scenario}, seed {r.seed}: goodput {r.goodput if r.goodput is not None else float('nan'):.3f}")
     times = [row[0] for row in r.rows]
     live = [row[5] for row in r.rows]
     ax2.step(times, live, where="post")
     ax2.set_ylabel("live peers")
-    ax2.set_xlabel("virtual time (s); red: peer kills")
+    ax2.set_xlabel("virtual time (s); red: peer kills, orange dashed: scripted faults")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
