@@ -13,17 +13,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Five desktops with short sessions: several crashes and arrivals in two virtual minutes.
 TINY_CHURN = {
-    "name": "tiny_churn", "hours": 90 / 3600,
+    "name": "tiny_churn", "hours": 45 / 3600, "warmup_s": 5.0,
     "swarm": {"peers": 5, "mix": {"desktop_cpu": 1.0}, "flops_scale": 3e7, "memory_scale": 1e5,
               "bandwidth_scale": 10.0},
     "model": {"inputs": 8, "widths": [16, 16, 4], "batch_size": 16, "microbatches": 4},
-    "churn": {"distribution": "exponential", "mean_session_s": 120.0},
+    "churn": {"distribution": "exponential", "mean_session_s": 60.0},
 }
 
 # Two desktops that each hold about half the model; compute-bound (a micro-batch computes
 # for much longer than a message travels), 16 micro-batches per step.
 CALM = {
-    "name": "calm", "hours": 200 / 3600,
+    "name": "calm", "hours": 180 / 3600, "warmup_s": 5.0,
     "swarm": {"peers": 2, "mix": {"desktop_cpu": 1.0}, "flops_scale": 1e6, "memory_scale": 7e4,
               "bandwidth_scale": 1.0},
     "model": {"inputs": 32, "widths": [64, 64, 64, 4], "batch_size": 64, "microbatches": 16},

@@ -41,9 +41,6 @@ log = logging.getLogger("p2ptrain.sim")
 
 BOOTSTRAP = "bootstrap"
 DRIVER = "driver"
-# Virtual seconds between the initial peers starting and the driver planning: enough for a
-# slow peer's bandwidth probe (1 MiB) to reach the bootstrap.
-WARMUP_S = 30.0
 MAX_SIM_EVENTS = 1_000_000
 BASELINE_HOURS = 0.05   # the churn-free reference run is at most this long (steady state)   # rows kept for the CSV (the trace hash covers everything)
 OPTIMIZER_LR = 1e-3
@@ -210,7 +207,8 @@ async def _run(scenario: Scenario, seed: int) -> dict:
         nursery.start_soon(_apply_churn, state, schedule.events, nursery)
         for fault in scenario.faults:
             nursery.start_soon(_apply_fault, state, fault, nursery)
-        await trio.sleep(WARMUP_S)
+        # Virtual seconds for the initial peers to register (a slow peer's 1 MiB bandwidth probe).
+        await trio.sleep(scenario.warmup_s)
         result = await _drive(state, scenario, model, batches, params, horizon_s)
         nursery.cancel_scope.cancel()
     live_s = _live_peer_seconds(state.rows, horizon_s)

@@ -4,6 +4,7 @@ Format (every key optional except where said):
 
     name = "churn_exponential"
     hours = 0.25                     # virtual duration of the run
+    warmup_s = 30.0                  # peers register before the driver plans
     [swarm]
     peers = 16                       # initial (and mean, under churn) peer count
     mix = { old_laptop = 0.5, desktop_cpu = 0.5 }   # default: profiles.DEFAULT_MIX
@@ -68,6 +69,7 @@ class ModelSpec:
 class Scenario:
     name: str = "scenario"
     hours: float = 0.1
+    warmup_s: float = 30.0
     peers: int = 8
     mix: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
     flops_scale: float = 1e3
@@ -138,6 +140,7 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<scenario>") -> Scena
     return Scenario(
         name=str(data.get("name", Path(source).stem)),
         hours=_num(data, "hours", d.hours, source),
+        warmup_s=_num(data, "warmup_s", d.warmup_s, source),
         peers=_int(swarm, "peers", d.peers, f"{source} [swarm]"),
         mix=dict(mix),
         flops_scale=_num(swarm, "flops_scale", d.flops_scale, f"{source} [swarm]"),
