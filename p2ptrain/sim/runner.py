@@ -244,6 +244,8 @@ async def _drive(state: _State, scenario: Scenario, model, batches, params, hori
 
     transport = SimTransport(state.network, DRIVER)
     directory = Link(await transport.connect(state.bootstrap_address))
+    # run_training's body, so that the driver's recoveries can be read after the run is cut
+    # off at the horizon (training runs "forever": steps = 10**9). Keep in step with it.
     driver = _Driver(transport, directory, spec, config, on_step, on_plan)
     error = ""
     with trio.move_on_at(horizon_s):
