@@ -244,7 +244,7 @@ class _Driver:
         while True:
             reply = await request(self.directory, message("directory_request"), "directory")
             peers = [p for p in reply.fields["peers"] if p["peer_id"] not in self.dead]
-            log.info("live peers: %s (dead: %s)", [p["peer_id"][:8] for p in peers], [p[:8] for p in self.dead])
+            log.debug("live peers: %s (excluded: %s)", [p["peer_id"][:8] for p in peers], sorted(self.dead))
             if not wait:
                 return peers
             try:
@@ -272,10 +272,11 @@ class _Driver:
                            self.transport, nursery)
                 try:
                     result = await self._train(job, epoch, pending)
-                except BaseException:
+                except BaseException as exc:
                     with trio.CancelScope(shield=True), trio.move_on_after(2):
                         await job.end()
-                        await _report(self.directory, job, epoch, "failed", self.step)
+                        state = "re-planned" if isinstance(exc, PeerLost) else "failed"
+                        await _report(self.directory, job, epoch, state, self.step)
                     raise
                 nursery.cancel_scope.cancel()
                 return result
@@ -315,6 +316,7 @@ class _Driver:
                     checkpoint.save(spec.state_dir, self.snapshot, self.fingerprint)
                 if step < spec.steps and await self._should_rebalance(job):
                     await job.end()
+                    await _report(self.directory, job, epoch, "re-planned", step)
                     return False
         await job.end()
         await _report(self.directory, job, epoch, "finished", step)
