@@ -122,7 +122,7 @@ def simulate(scenario: Scenario, seed: int, *, peers: int | None = None, hours: 
     scenario = scenario.with_overrides(peers=peers, hours=hours)
     logging.getLogger("p2ptrain").setLevel(log_level)
     started = time.perf_counter()
-    with memoised_stage_exports():
+    with memoised_stage_exports(), memoised_program_checks():
         outcome = run_deterministic(_run, scenario, seed, seed=seed)
         wall_s = time.perf_counter() - started
         base = None
@@ -132,6 +132,35 @@ def simulate(scenario: Scenario, seed: int, *, peers: int | None = None, hours: 
                                "peers": mean_peers, "hours": min(scenario.hours, BASELINE_HOURS)})
             base = run_deterministic(_run, calm, seed, seed=seed)
     return summarise(scenario, seed, outcome, base, wall_s)
+
+
+@contextlib.contextmanager
+def memoised_program_checks(max_entries: int = 4096):
+    """Within the block, `StageRunner.load`'s allow-list check is memoised by the program's
+    name, SHA-256 and limits. Why: every simulated peer shares this one process, and each
+    load re-parses the same MLIR text (most of the start-up wall time with hundreds of
+    replicas); a real peer does this once on its own CPU. The check is a pure function of
+    those inputs, so a hit returns what a fresh check would. Restored on exit."""
+    import hashlib
+
+    from ..compute import runner as runner_module
+
+    original = runner_module.check_program
+    checked: dict = {}
+
+    def check_program(name, blob, limits):
+        key = (name, hashlib.sha256(bytes(blob)).digest(), limits)
+        if key not in checked:
+            if len(checked) >= max_entries:
+                checked.clear()
+            checked[key] = original(name, blob, limits)
+        return checked[key]
+
+    runner_module.check_program = check_program
+    try:
+        yield
+    finally:
+        runner_module.check_program = original
 
 
 @contextlib.contextmanager
