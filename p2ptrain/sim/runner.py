@@ -120,9 +120,8 @@ def simulate(scenario: Scenario, seed: int, *, peers: int | None = None, hours: 
     return its report. With `baseline`, also runs the churn- and fault-free scenario with
     the run's mean live peer count (same seed) to compute goodput."""
     scenario = scenario.with_overrides(peers=peers, hours=hours)
-    logging.getLogger("p2ptrain").setLevel(log_level)
     started = time.perf_counter()
-    with memoised_stage_exports(), memoised_program_checks():
+    with _log_level(log_level), memoised_stage_exports(), memoised_program_checks():
         outcome = run_deterministic(_run, scenario, seed, seed=seed)
         wall_s = time.perf_counter() - started
         base = None
@@ -132,6 +131,19 @@ def simulate(scenario: Scenario, seed: int, *, peers: int | None = None, hours: 
                                "peers": mean_peers, "hours": min(scenario.hours, BASELINE_HOURS)})
             base = run_deterministic(_run, calm, seed, seed=seed)
     return summarise(scenario, seed, outcome, base, wall_s)
+
+
+@contextlib.contextmanager
+def _log_level(level: int):
+    """The node code's log level within the block (churn makes it log every crash it sees);
+    restored on exit so that the caller's logging is unchanged."""
+    logger = logging.getLogger("p2ptrain")
+    saved = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
 
 
 @contextlib.contextmanager
