@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from p2ptrain.sim.churn import SessionModel  # noqa: E402
-from p2ptrain.sim.runner import simulate  # noqa: E402
+from p2ptrain.sim.runner import churn_free_samples_per_s, simulate  # noqa: E402
 from p2ptrain.sim.scenario import load_scenario  # noqa: E402
 
 WEIBULL_SHAPE = 0.7   # volunteer-host availability fits shape < 1 (see peers/*.toml notes)
@@ -43,14 +43,15 @@ def main(argv=None) -> int:
     base = load_scenario(args.scenario)
     sessions_min = [float(s) for s in args.sessions_min.split(",")]
     rows = []
-    baseline_cache: dict = {}
+    # One churn-free reference for every row: same initial peers and seed.
+    base_rate = churn_free_samples_per_s(base.with_overrides(peers=args.peers, hours=args.hours), args.seed)
     print(f"{'distribution':<12} {'session':>8} {'goodput':>8} {'samples/s':>10} {'churn-free':>10} "
           f"{'kills':>6} {'failures':>8} {'rec p50 s':>9} {'rec p99 s':>9} {'lost mb':>8} {'false susp':>10} {'wall s':>7}")
     for dist in args.distributions.split(","):
         for minutes in sessions_min:
             sc = replace(base, name=f"{dist}_{minutes:g}min",
                          sessions=SessionModel(dist, minutes * 60.0, WEIBULL_SHAPE))
-            r = simulate(sc, args.seed, peers=args.peers, hours=args.hours)
+            r = simulate(sc, args.seed, peers=args.peers, hours=args.hours, baseline=base_rate)
             rows.append(dict(distribution=dist, session_min=minutes, **r.to_json()))
             print(f"{dist:<12} {minutes:>6g} m {r.goodput or 0:>8.3f} {r.samples_per_s:>10.1f} "
                   f"{r.baseline_samples_per_s or 0:>10.1f} {r.kills:>6} {r.failures:>8} "

@@ -73,3 +73,9 @@ def test_simulate_command_prints_json_and_writes_csv_and_plot(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "p2ptrain", "simulate", str(tmp_path / "missing.toml")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_goodput_is_the_ratio_to_a_given_churn_free_rate():
+    report = simulate(parse_scenario(CALM), 1, hours=60 / 3600, baseline=2.0)
+    assert report.baseline_samples_per_s == 2.0
+    assert report.goodput == report.samples_per_s / 2.0

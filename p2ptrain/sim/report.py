@@ -7,7 +7,10 @@ Definitions:
 - samples_per_s: (steps committed after the first) x batch / (end - first commit); the same
   formula for the churn-free baseline, so start-up (planning, compiling) cancels out.
 - goodput: samples_per_s under churn / baseline samples_per_s, the baseline being the same
-  scenario without churn or faults at the run's mean live peer count and the same seed.
+  scenario and seed without churn or faults: the same initial peers (arrivals hold the mean
+  live count at that number; `mean_live_peers` says how close it stayed). Using the run's
+  rounded mean count instead drew a different pool whenever it was off by one, and the
+  pool's luck (18.9 vs 23.3 samples/s for 15 vs 17 peers) swamped the churn effect.
 - failures: epochs the driver ended because a peer was lost (each becomes a recovery).
 - recovery time: from the loss being noticed to the next committed step (driver's Recovery).
 - lost micro-batches: steps replayed after failures x micro-batches per step.
@@ -63,20 +66,19 @@ class SimReport:
         return d
 
 
-def _rate(steps: list[tuple[float, int, float]], batch: int, end_s: float) -> float:
+def samples_per_s(outcome: dict, end_s: float) -> float:
+    """(distinct steps committed after the first) x batch / (end_s - first commit)."""
+    steps = outcome["steps"]
     if len(steps) < 2:
         return 0.0
     unique = len({s for _, s, _ in steps})
-    return (unique - 1) * batch / max(end_s - steps[0][0], 1e-9)
+    return (unique - 1) * outcome["samples_per_step"] / max(end_s - steps[0][0], 1e-9)
 
 
-def summarise(scenario: Scenario, seed: int, outcome: dict, baseline: dict | None, wall_s: float) -> SimReport:
+def summarise(scenario: Scenario, seed: int, outcome: dict, base_rate: float | None, wall_s: float) -> SimReport:
+    """The report of one run; `base_rate` is the churn-free samples/s (None: no goodput)."""
     horizon_s = scenario.hours * 3600.0
-    batch = outcome["samples_per_step"]
-    rate = _rate(outcome["steps"], batch, horizon_s)
-    base_rate = None
-    if baseline is not None:
-        base_rate = _rate(baseline["steps"], batch, min(horizon_s, baseline["virtual_s"]))
+    rate = samples_per_s(outcome, horizon_s)
     recoveries = outcome["recoveries"]
     seconds = [r.seconds for r in recoveries]
     replayed = sum(max(0, r.failed_at_step - r.resumed_from_step) for r in recoveries)

@@ -33,7 +33,7 @@ from ..transport.sim import LinkSpec, SimNetwork, SimTransport
 from .churn import ChurnEvent, SessionModel, churn_schedule
 from .compute import ComputeModel
 from .determinism import run_deterministic
-from .report import SimReport, summarise
+from .report import SimReport, samples_per_s, summarise
 from .scenario import Fault, Scenario
 from .trace import Trace
 
@@ -41,8 +41,8 @@ log = logging.getLogger("p2ptrain.sim")
 
 BOOTSTRAP = "bootstrap"
 DRIVER = "driver"
-MAX_SIM_EVENTS = 1_000_000
-BASELINE_HOURS = 0.05   # the churn-free reference run is at most this long (steady state)   # rows kept for the CSV (the trace hash covers everything)
+MAX_SIM_EVENTS = 1_000_000   # rows kept for the CSV (the trace hash covers everything)
+BASELINE_HOURS = 0.05   # the churn-free reference run is at most this long (steady state)
 OPTIMIZER_LR = 1e-3
 
 
@@ -115,22 +115,29 @@ class _State:
 
 
 def simulate(scenario: Scenario, seed: int, *, peers: int | None = None, hours: float | None = None,
-             baseline: bool = True, log_level: int = logging.CRITICAL) -> SimReport:
+             baseline: bool | float = True, log_level: int = logging.CRITICAL) -> SimReport:
     """Run `scenario` with `seed` (optionally overriding its peer count and duration) and
-    return its report. With `baseline`, also runs the churn- and fault-free scenario with
-    the run's mean live peer count (same seed) to compute goodput."""
+    return its report. With `baseline=True`, also runs `churn_free_samples_per_s` for the
+    goodput; a float is taken as that rate (experiments reuse one); False skips it."""
     scenario = scenario.with_overrides(peers=peers, hours=hours)
     started = time.perf_counter()
     with _log_level(log_level), memoised_stage_exports(), memoised_program_checks():
         outcome = run_deterministic(_run, scenario, seed, seed=seed)
         wall_s = time.perf_counter() - started
-        base = None
-        if baseline:
-            mean_peers = max(1, round(outcome["mean_live_peers"]))
-            calm = Scenario(**{**scenario.__dict__, "sessions": SessionModel("none"), "faults": (),
-                               "peers": mean_peers, "hours": min(scenario.hours, BASELINE_HOURS)})
-            base = run_deterministic(_run, calm, seed, seed=seed)
-    return summarise(scenario, seed, outcome, base, wall_s)
+    if baseline is True:
+        baseline = churn_free_samples_per_s(scenario, seed, log_level=log_level)
+    return summarise(scenario, seed, outcome, baseline if baseline is not False else None, wall_s)
+
+
+def churn_free_samples_per_s(scenario: Scenario, seed: int, *, log_level: int = logging.CRITICAL) -> float:
+    """samples/s of the scenario without churn or faults: the same initial peers (same seed,
+    so the same draws; under churn the mean live count is held at that number by the
+    arrival rate), for at most BASELINE_HOURS of steady state."""
+    calm = Scenario(**{**scenario.__dict__, "sessions": SessionModel("none"), "faults": (),
+                       "hours": min(scenario.hours, BASELINE_HOURS)})
+    with _log_level(log_level), memoised_stage_exports(), memoised_program_checks():
+        base = run_deterministic(_run, calm, seed, seed=seed)
+    return samples_per_s(base, calm.hours * 3600.0)
 
 
 @contextlib.contextmanager
