@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from p2ptrain.sim.runner import simulate
+from p2ptrain.sim import simulate
 from p2ptrain.sim.scenario import parse_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ CALM = {
 
 _RUN = """
 import json, sys
-from p2ptrain.sim.runner import simulate
+from p2ptrain.sim import simulate
 from p2ptrain.sim.scenario import parse_scenario
 r = simulate(parse_scenario(json.loads(sys.argv[1])), int(sys.argv[2]), baseline=False)
 print(json.dumps({"hash": r.trace_hash, "kills": r.kills, "failures": r.failures, "steps": r.steps}))
