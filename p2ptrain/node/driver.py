@@ -88,6 +88,7 @@ class DriverConfig:
     snapshot_every_steps: int | None = None
     snapshot_overhead: float = 0.05
     wait_for_peers_s: float = 60.0     # after a failure, how long to wait for enough peers
+    exclude_lost_peer_s: float = 120.0  # how long a lost (or suspected) peer is left out
     max_recoveries: int = 100
     # A peer that joins is taken in at the next snapshot if a fresh plan is this much faster.
     rebalance_gain: float = 0.2
@@ -192,7 +193,7 @@ class _Driver:
         self.opt_counts = [n for layer in spec.params
                            for n in opt_state_leaf_counts(spec.optimizer, [layer])]
         self.fingerprint = checkpoint.fingerprint(spec.params, self.opt_counts, spec.microbatches)
-        self.dead: set[str] = set()
+        self.excluded: dict[str, float] = {}   # peer id -> until when (trio time) it is left out
         self.step_times: list[float] = []
         self.snapshot_times: list[float] = []
         self.exported: dict = {}
@@ -226,7 +227,10 @@ class _Driver:
                     raise TrainingError(f"giving up after {len(self.recoveries)} recoveries: {lost}") from None
                 log.warning("epoch %d ended at step %d: %s; resuming from step %d",
                             epoch, self.step, lost, self.snapshot.step)
-                self.dead.add(lost.peer_id)
+                # Left out for a while, not forever: a suspicion may have been false (a long
+                # stall, a partition that healed), and the peer is welcome back once the
+                # bootstrap lists it alive again after that.
+                self.excluded[lost.peer_id] = trio.current_time() + self.config.exclude_lost_peer_s
                 pending = (epoch, lost, self.step, trio.current_time())
             else:
                 pending = None
@@ -243,8 +247,7 @@ class _Driver:
         deadline = trio.current_time() + self.config.wait_for_peers_s
         while True:
             reply = await request(self.directory, message("directory_request"), "directory")
-            peers = [p for p in reply.fields["peers"] if p["peer_id"] not in self.dead]
-            log.debug("live peers: %s (excluded: %s)", [p["peer_id"][:8] for p in peers], sorted(self.dead))
+            peers = self._usable(reply.fields["peers"])
             if not wait:
                 return peers
             try:
@@ -258,6 +261,11 @@ class _Driver:
                         f"the swarm can no longer hold the model and no peers came in "
                         f"{self.config.wait_for_peers_s:.0f} s: {exc}{where}") from None
             await trio.sleep(1.0)
+
+    def _usable(self, peers: list[dict]) -> list[dict]:
+        """The directory's live peers, less those recently lost by this run."""
+        now = trio.current_time()
+        return [p for p in peers if self.excluded.get(p["peer_id"], now) <= now]
 
     def _plan(self, peers: list[dict], previous: planner.Plan | None):
         return _plan_job(self.spec, self.costs, self.shapes, peers, previous, self.exported)
@@ -336,7 +344,7 @@ class _Driver:
     async def _should_rebalance(self, job: "_Job") -> bool:
         """Whether peers that joined since the plan would make steps `rebalance_gain` faster."""
         reply = await request(self.directory, message("directory_request"), "directory")
-        peers = [p for p in reply.fields["peers"] if p["peer_id"] not in self.dead]
+        peers = self._usable(reply.fields["peers"])
         if {p["peer_id"] for p in peers} <= self.planned_with:
             return False   # nobody new: peers the plan left out stay out (that was its choice)
         specs, sizes = _peer_specs(peers), self.shapes.sizes

@@ -26,6 +26,7 @@ from ..core.schedule import ScheduleError, StageInbox, Task
 from ..transport.base import Connection, Transport, TransportError
 from ..wire.codec import Frame
 from ..wire.messages import ProtocolError, message
+from .groups import sole_error
 from .link import Link, LinkClosed
 from .session import next_message, request
 
@@ -256,15 +257,14 @@ class Peer:
     async def _run_job(self, job: _StageJob) -> None:
         with job.cancel_scope:
             try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._heartbeat_driver, job)
-                    while True:
-                        task = job.inbox.next_task()
-                        if task is None:
-                            job.wakeup = trio.Event()
-                            await job.wakeup.wait()
-                            continue
-                        await self._run_task(job, task)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._heartbeat_driver, job)
+                        await self._work(job)
+                except BaseExceptionGroup as group:
+                    # The nursery wraps the one real error; classify that error, not the group
+                    # (a wrapped LinkClosed must not read as this peer's own failure).
+                    raise sole_error(group) from None
             except (LinkClosed, TransportError) as exc:
                 # A neighbour vanished: the driver notices the stall and the lost peer; this
                 # peer stays healthy and drops the job (re-sharding is the driver's call).
@@ -282,13 +282,26 @@ class Peer:
                             pass
                 self.drop_job(job.job_id, f"failed: {exc}")
 
+    async def _work(self, job: _StageJob) -> None:
+        while True:
+            task = job.inbox.next_task()
+            if task is None:
+                job.wakeup = trio.Event()
+                await job.wakeup.wait()
+                continue
+            await self._run_task(job, task)
+
     async def _heartbeat_driver(self, job: _StageJob) -> None:
         """Tell the driver this peer is alive while it serves the job, also during a long
-        computation (compute runs in a thread; small frames overtake bulk ones on a link)."""
+        computation (compute runs in a thread; small frames overtake bulk ones on a link).
+        Ends quietly if the driver's link is gone (the job is dropped when it closes)."""
         while True:
             link = self.links.get(job.driver_id)
             if link is not None:
-                await link.send(message("heartbeat"))
+                try:
+                    await link.send(message("heartbeat"))
+                except LinkClosed:
+                    return
             await trio.sleep(self.config.job_heartbeat_interval_s)
 
     def _maybe_crash(self, phase: str, step: int, mb: int | None = None) -> None:
