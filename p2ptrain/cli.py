@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peers", type=_positive_int, help="override the scenario's peer count")
     p.add_argument("--hours", type=float, help="override the scenario's virtual duration")
+    p.add_argument("--compute", choices=("real", "shape_only"),
+                   help="override the scenario's compute mode (shape_only: no arithmetic, for scale)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", default="out", help="directory for the events CSV and the plot (default out/)")
     p.add_argument("--no-baseline", action="store_true", help="skip the churn-free run (no goodput)")

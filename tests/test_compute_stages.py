@@ -325,3 +325,30 @@ def test_replicas_exchange_gradients_and_stay_identical():
     assert max_abs_diff(a, ref_params) <= TOL
     with pytest.raises(ValueError, match="grads leaf 0"):
         replicas[0].add_grads(0, [np.zeros((1, 1), np.float32)] * len(replicas[0].params_leaves()))
+
+
+def test_shape_only_runner_checks_and_shapes_like_the_real_one_but_computes_nothing():
+    """Shape-only (simulation at scale): the same programs are loaded and checked, results
+    are zeros of the real results' shapes and dtypes, and the step bookkeeping is the same."""
+    params = initial_params()
+    cuts = (0, 4, 7)
+    real, shape = ([StageRunner.load(b, flatten_params(params[a:c]), shape_only=so)
+                    for b, a, c in zip(export_pipeline(cuts, "adam", False), cuts[:-1], cuts[1:])]
+                   for so in (False, True))
+    x, y = batches(0)
+    xs, ys = np.split(x, M), np.split(y, M)
+    for mb in range(M):
+        h_real, h_shape = real[0].forward(mb, xs[mb]), shape[0].forward(mb, xs[mb])
+        assert h_shape.shape == h_real.shape and h_shape.dtype == h_real.dtype and not h_shape.any()
+        loss, g = shape[1].last(mb, h_shape, ys[mb])
+        assert loss == 0.0 and g.shape == h_real.shape
+        assert shape[0].backward(mb, g) is None   # the first stage has no input grad, as real
+    with pytest.raises(ValueError, match="expected float32"):
+        shape[0].forward(0, xs[0].astype(np.float64))
+    for r_shape, r_real in zip(shape, real):
+        r_shape.apply_update()
+        assert r_shape.completed_microbatches == ()
+        assert [(a.shape, a.dtype) for a in r_shape.params_leaves()] == \
+            [(a.shape, a.dtype) for a in r_real.params_leaves()]
+        assert [(a.shape, a.dtype) for a in r_shape.opt_state_leaves()] == \
+            [(a.shape, a.dtype) for a in r_real.opt_state_leaves()]

@@ -79,3 +79,16 @@ def test_goodput_is_the_ratio_to_a_given_churn_free_rate():
     report = simulate(parse_scenario(CALM), 1, hours=60 / 3600, baseline=2.0)
     assert report.baseline_samples_per_s == 2.0
     assert report.goodput == report.samples_per_s / 2.0
+
+
+def test_shape_only_compute_takes_the_same_virtual_time_as_real_compute():
+    """DESIGN.md section 6: virtual time means the same in both compute modes, so every step
+    and plan lands at the same virtual instant; only the numbers differ (zeros)."""
+    scenario = parse_scenario(CALM)
+    real, shape = (simulate(scenario, 1, hours=60 / 3600, compute=mode, baseline=False)
+                   for mode in ("real", "shape_only"))
+    timeline = [[(t, kind, peer, step) for t, kind, peer, step, *_ in r.rows if kind in ("step", "plan")]
+                for r in (real, shape)]
+    assert real.steps >= 3 and timeline[0] == timeline[1]
+    assert any(row[4] > 0 for row in real.rows if row[1] == "step")            # real losses
+    assert all(row[4] == 0 for row in shape.rows if row[1] == "step")          # no arithmetic

@@ -89,7 +89,7 @@ async def test_a_peer_joining_mid_run_gets_work_when_it_helps(autojump_clock):
     a plan using it 4x faster under the cost model, re-plans, and training stays exact."""
     result, *expected = await train_in_memory(
         {"peer-a": (1_500, 1e9), "peer-b": (1_500, 1e9)}, steps=6, late_peers={"peer-c": (1_500, 4e9)},
-        config=DriverConfig(snapshot_every_steps=2))
+        config=DriverConfig(snapshot_every_steps=2, rebalance_interval_s=0.0))
     assert result.epochs == 2 and not result.recoveries
     assert [s.peer_ids for s in result.stages] == [("peer-c",), ("peer-a", "peer-b")]
     assert_exact(result, *expected)

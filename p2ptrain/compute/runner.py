@@ -69,6 +69,14 @@ def _add_trees(a: list, b: list) -> list:
     return [x + y for x, y in zip(a, b)]
 
 
+def _zeros_program(exp: Any) -> Any:
+    """Shape-only mode: a stand-in for ``exp`` that returns zeros of its output avals and does
+    no arithmetic (the simulator charges compute as modelled time instead)."""
+    outputs = jax.tree_util.tree_unflatten(
+        exp.out_tree, [np.zeros(a.shape, np.dtype(a.dtype)) for a in exp.out_avals])
+    return lambda *args: outputs
+
+
 def _aval_str(a: Any) -> str:
     return f"{np.dtype(a.dtype).name}{list(a.shape)}"
 
@@ -97,6 +105,11 @@ def _check_leaves(what: str, leaves: Sequence[Any], avals: Sequence[Any]) -> lis
     return out
 
 
+def _put(a: np.ndarray, device: jax.Device | None) -> Any:
+    """``a`` on ``device``; as it is in shape-only mode (no device)."""
+    return a if device is None else jax.device_put(a, device)
+
+
 def _pick_device(platforms: Sequence[str]) -> jax.Device:
     for platform in platforms:
         try:
@@ -109,7 +122,7 @@ def _pick_device(platforms: Sequence[str]) -> jax.Device:
 class StageRunner:
     """Runs one pipeline stage. Build with ``StageRunner.load``."""
 
-    def __init__(self, *, bundle: StageBundle, fns: dict, device: jax.Device,
+    def __init__(self, *, bundle: StageBundle, fns: dict, device: jax.Device | None,
                  params: list, opt_state: list, sig: dict):
         self._bundle = bundle
         self._fns = fns
@@ -128,8 +141,14 @@ class StageRunner:
         params_leaves: list[np.ndarray],
         opt_state_leaves: list[np.ndarray] | None = None,
         limits: ProgramLimits = ProgramLimits(),
+        *,
+        shape_only: bool = False,
     ) -> "StageRunner":
         """Check everything, then build the runner.
+
+        With ``shape_only`` (simulation at scale) every check still runs, but nothing is
+        compiled or computed: each program returns zeros of its output shapes, so the runner
+        sends and checks arrays of the true shapes and dtypes at no arithmetic cost.
 
         Raises ``ProgramRejected`` for a bad bundle or program (allow-list, sizes, signature,
         inconsistent programs) and ``ValueError`` for params/opt-state leaves that do not
@@ -147,17 +166,18 @@ class StageRunner:
                 for name, blob in sorted(bundle.programs.items())}
         sig = cls._check_signatures(exps, bundle)
 
-        device = _pick_device(exps["update"].platforms)
         params = _check_leaves("params", params_leaves, sig["params"])
         opt = None if opt_state_leaves is None else \
             _check_leaves("opt_state", opt_state_leaves, sig["opt_state"])
-        fns = {name: _compile(bundle.programs[name], exp, device)
-               for name, exp in sorted(exps.items())}
-        params_dev = [jax.device_put(p, device) for p in params]
-        if opt is None:
-            opt_dev = list(fns["init_opt"](params_dev))
+        if shape_only:
+            device = None
+            fns = {name: _zeros_program(exp) for name, exp in exps.items()}
         else:
-            opt_dev = [jax.device_put(o, device) for o in opt]
+            device = _pick_device(exps["update"].platforms)
+            fns = {name: _compile(bundle.programs[name], exp, device)
+                   for name, exp in sorted(exps.items())}
+        params_dev = [_put(p, device) for p in params]
+        opt_dev = list(fns["init_opt"](params_dev)) if opt is None else [_put(o, device) for o in opt]
         return cls(bundle=bundle, fns=fns, device=device, params=params_dev,
                    opt_state=opt_dev, sig=sig)
 
@@ -295,14 +315,17 @@ class StageRunner:
         self._pending[mb] = grads
         while self._next_mb in self._pending:
             g = self._pending.pop(self._next_mb)
-            self._acc = g if self._acc is None else _add_trees(self._acc, g)
+            if self._acc is None:
+                self._acc = g
+            elif self._device is not None:   # shape-only: zeros stay zeros
+                self._acc = _add_trees(self._acc, g)
             self._next_mb += 1
 
     def _array(self, what: str, a: Any, aval: Any) -> jax.Array:
         arr = np.asarray(a)
         if tuple(arr.shape) != tuple(aval.shape) or arr.dtype != np.dtype(aval.dtype):
             raise ValueError(f"{what}: expected {_aval_str(aval)}, got {_aval_str(arr)}")
-        return jax.device_put(arr, self._device)
+        return _put(arr, self._device)
 
     # ------------------------------------------------------------------ compute
 
@@ -368,7 +391,7 @@ class StageRunner:
         """Store another replica's param grads of micro-batch ``mb`` (checked like params)."""
         mb = self._check_mb(mb)
         arrays = _check_leaves("grads", leaves, self._sig["params"])
-        self._store_grad(mb, [jax.device_put(a, self._device) for a in arrays], own=False)
+        self._store_grad(mb, [_put(a, self._device) for a in arrays], own=False)
 
     def apply_update(self) -> None:
         """Apply the step: the micro-batch gradients summed in index order 0..M-1, then one

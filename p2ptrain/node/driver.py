@@ -92,6 +92,11 @@ class DriverConfig:
     max_recoveries: int = 100
     # A peer that joins is taken in at the next snapshot if a fresh plan is this much faster.
     rebalance_gain: float = 0.2
+    # ... checked at most this often: each check runs the planner over the whole directory,
+    # which under steady arrivals into a large swarm would otherwise happen at every snapshot.
+    rebalance_interval_s: float = 30.0
+    # How often the bootstrap hears the job's progress (`p2ptrain status`; informational).
+    status_interval_s: float = 1.0
     # Silent peers (stopped, partitioned) are found by a phi-accrual detector over the
     # peers' job heartbeats; a broken connection is noticed at once without it.
     detector: DetectorConfig = field(default_factory=DetectorConfig)
@@ -217,6 +222,7 @@ class _Driver:
             stages, the_plan, bundles = self._plan(peers, previous)
             in_use = {p for s in stages for p in s.peer_ids}
             self.planned_with = {p["peer_id"] for p in peers}
+            self.rebalance_checked_at = trio.current_time()
             self.min_bandwidth = min(p["bandwidth_bytes_per_s"] for p in peers if p["peer_id"] in in_use)
             if self.on_plan is not None:
                 self.on_plan(stages, epoch)
@@ -299,6 +305,7 @@ class _Driver:
         losses = list(snapshot.losses[:snapshot.step])
         period = self.config.snapshot_every_steps
         step = self.step = snapshot.step
+        reported_at = -math.inf
         while step < spec.steps:
             start = trio.current_time()
             losses.append(await job.run_step(step))
@@ -311,7 +318,9 @@ class _Driver:
                 pending = None
             if self.on_step is not None:
                 self.on_step(step - 1, losses[-1], _samples_per_s(self.samples_per_step, self.step_times))
-            await _report(self.directory, job, epoch, "training", step)
+            if trio.current_time() >= reported_at + self.config.status_interval_s:
+                reported_at = trio.current_time()
+                await _report(self.directory, job, epoch, "training", step)
             if self.config.snapshot_every_steps is None and len(self.step_times) >= _PERIOD_SAMPLES:
                 # Past the first steps, which include compilation and warm-up; re-chosen
                 # after each snapshot from what fetching one really cost.
@@ -342,11 +351,17 @@ class _Driver:
         return max(1, math.ceil(fetch_s / max(self.config.snapshot_overhead * step_time_s, 1e-9)))
 
     async def _should_rebalance(self, job: "_Job") -> bool:
-        """Whether peers that joined since the plan would make steps `rebalance_gain` faster."""
+        """Whether peers that joined since the plan (or the last check) would make steps
+        `rebalance_gain` faster. Checked at most every `rebalance_interval_s`."""
+        if trio.current_time() < self.rebalance_checked_at + self.config.rebalance_interval_s:
+            return False
+        self.rebalance_checked_at = trio.current_time()
         reply = await request(self.directory, message("directory_request"), "directory")
         peers = self._usable(reply.fields["peers"])
-        if {p["peer_id"] for p in peers} <= self.planned_with:
+        ids = {p["peer_id"] for p in peers}
+        if ids <= self.planned_with:
             return False   # nobody new: peers the plan left out stay out (that was its choice)
+        self.planned_with |= ids   # a peer found no help now is not re-examined at every check
         specs, sizes = _peer_specs(peers), self.shapes.sizes
         current = planner.step_time(job.plan, self.costs, specs, **sizes)
         fresh = planner.plan(self.costs, specs, state_factor=self.spec.state_factor, **sizes)

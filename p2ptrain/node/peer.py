@@ -57,6 +57,9 @@ class PeerConfig:
     # so a simulated stage costs what its FLOPs would cost on the simulated hardware. Task
     # kinds: "forward", "backward", "last", "grads", "update". None: no extra time (real runs).
     compute_delay_s: Callable[[str, str, int], float] | None = None
+    # Shape-only compute (simulation at scale): programs are checked but not run; every
+    # result is zeros of its true shape (see StageRunner.load). Training learns nothing.
+    shape_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,7 @@ class Peer:
             # yet (a stage rebuilt after a failure); none means the peer initialises it.
             params, opt_state = list(msg.arrays[:f["n_params"]]), list(msg.arrays[f["n_params"]:])
             runner = await self._compute(lambda: StageRunner.load(
-                bundle, params, opt_state or None, limits=self.config.limits))
+                bundle, params, opt_state or None, limits=self.config.limits, shape_only=self.config.shape_only))
             prev, nxt, replicas = (_neighbours(f[k]) for k in ("prev", "next", "replicas"))
             if not 0 <= f["replica"] < len(replicas) or replicas[f["replica"]].peer_id != self.transport.peer_id:
                 raise ValueError("this peer is not the replica it was assigned")

@@ -22,7 +22,8 @@ def run_simulate(args) -> int:
     except (OSError, ScenarioError) as exc:
         print(f"p2ptrain simulate: {exc}", file=sys.stderr)
         return 2
-    report = simulate(scenario, args.seed, peers=args.peers, hours=args.hours, baseline=not args.no_baseline,
+    report = simulate(scenario, args.seed, peers=args.peers, hours=args.hours, compute=args.compute,
+                      baseline=not args.no_baseline,
                       log_level=logging.INFO if args.verbose else logging.CRITICAL)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

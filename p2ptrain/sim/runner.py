@@ -98,6 +98,7 @@ class _State:
     trace: Trace
     network: SimNetwork
     compute: ComputeModel
+    shape_only: bool = False
     bootstrap_address: str = ""
     samples: dict[str, PeerSample] = field(default_factory=dict)
     scopes: dict[str, trio.CancelScope] = field(default_factory=dict)
@@ -115,11 +116,12 @@ class _State:
 
 
 def simulate(scenario: Scenario, seed: int, *, peers: int | None = None, hours: float | None = None,
-             baseline: bool | float = True, log_level: int = logging.CRITICAL) -> SimReport:
-    """Run `scenario` with `seed` (optionally overriding its peer count and duration) and
-    return its report. With `baseline=True`, also runs `churn_free_samples_per_s` for the
+             compute: str | None = None, baseline: bool | float = True,
+             log_level: int = logging.CRITICAL) -> SimReport:
+    """Run `scenario` with `seed` (optionally overriding its peer count, duration and compute
+    mode, "real" or "shape_only") and return its report. With `baseline=True`, also runs `churn_free_samples_per_s` for the
     goodput; a float is taken as that rate (experiments reuse one); False skips it."""
-    scenario = scenario.with_overrides(peers=peers, hours=hours)
+    scenario = scenario.with_overrides(peers=peers, hours=hours, compute=compute)
     started = time.perf_counter()
     with _log_level(log_level), memoised_stage_exports(), memoised_program_checks():
         outcome = run_deterministic(_run, scenario, seed, seed=seed)
@@ -230,7 +232,7 @@ async def _run(scenario: Scenario, seed: int) -> dict:
     costs = profile_layers(model, params, batches(0)[0][:mb_size])
     trace = Trace(keep_events=0)
     network = SimNetwork(seed, default_link=LinkSpec(latency_s=0.0), trace=trace)
-    state = _State(trace, network, ComputeModel(costs, mb_size))
+    state = _State(trace, network, ComputeModel(costs, mb_size), shape_only=m.compute == "shape_only")
     pool, profiles, arrival = draw_peers(scenario, rng)
     state.samples.update({s.spec.peer_id: s for s in pool})
 
@@ -332,7 +334,7 @@ def _start_peer(state: _State, peer_id: str, nursery: trio.Nursery) -> None:
     state.network.set_peer(peer_id, s.upload_bytes_per_s, s.download_bytes_per_s, s.latency_s)
     config = PeerConfig(bootstrap=state.bootstrap_address, listen=f"{peer_id}:1",
                         memory_bytes=max(1, s.spec.memory_bytes), flops_per_s=s.spec.flops_per_s,
-                        compute_in_thread=False,
+                        compute_in_thread=False, shape_only=state.shape_only,
                         compute_delay_s=state.compute.for_peer(peer_id, s.spec.flops_per_s))
     scope = state.scopes[peer_id] = trio.CancelScope()
     state.live.add(peer_id)

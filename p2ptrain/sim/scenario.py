@@ -16,6 +16,7 @@ Format (every key optional except where said):
     widths = [64, 64, 64, 10]        # Dense layers, relu between; the last is the classes
     batch_size = 64
     microbatches = 8
+    compute = "real"                 # real (the math runs) | shape_only (zeros, for scale)
     [churn]
     distribution = "exponential"     # exponential | weibull | profile | none
     mean_session_s = 1800.0
@@ -41,6 +42,7 @@ from ..profiles import DEFAULT_MIX
 from .churn import SessionModel
 
 FAULT_KINDS = ("kill_stage", "partition_stage", "pause", "slow")
+COMPUTE_MODES = ("real", "shape_only")
 MAX_FAULTS = 1000
 
 
@@ -63,6 +65,9 @@ class ModelSpec:
     widths: tuple[int, ...] = (64, 64, 64, 10)
     batch_size: int = 64
     microbatches: int = 8
+    # "real": stages run their math (exactness, small models); "shape_only": every result
+    # is zeros of its true shape, no arithmetic (scale). Virtual time is the same in both.
+    compute: str = "real"
 
 
 @dataclass(frozen=True)
@@ -79,9 +84,13 @@ class Scenario:
     sessions: SessionModel = SessionModel()
     faults: tuple[Fault, ...] = ()
 
-    def with_overrides(self, *, peers: int | None = None, hours: float | None = None) -> "Scenario":
+    def with_overrides(self, *, peers: int | None = None, hours: float | None = None,
+                       compute: str | None = None) -> "Scenario":
+        if compute not in (None, *COMPUTE_MODES):
+            raise ScenarioError(f"compute must be one of {COMPUTE_MODES}, got {compute!r}")
         return replace(self, peers=self.peers if peers is None else peers,
-                       hours=self.hours if hours is None else hours)
+                       hours=self.hours if hours is None else hours,
+                       model=self.model if compute is None else replace(self.model, compute=compute))
 
 
 def _num(table: Mapping, key: str, default: float, where: str, *, positive: bool = True) -> float:
@@ -115,7 +124,10 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<scenario>") -> Scena
     spec = ModelSpec(
         inputs=_int(model, "inputs", d.model.inputs, f"{source} [model]"), widths=tuple(widths),
         batch_size=_int(model, "batch_size", d.model.batch_size, f"{source} [model]"),
-        microbatches=_int(model, "microbatches", d.model.microbatches, f"{source} [model]"))
+        microbatches=_int(model, "microbatches", d.model.microbatches, f"{source} [model]"),
+        compute=model.get("compute", d.model.compute))
+    if spec.compute not in COMPUTE_MODES:
+        raise ScenarioError(f"{source} [model]: compute must be one of {COMPUTE_MODES}")
     if spec.batch_size % spec.microbatches:
         raise ScenarioError(f"{source} [model]: batch_size must be a multiple of microbatches")
     try:
