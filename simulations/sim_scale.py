@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     ap.add_argument("--peers", type=int, default=256)
     ap.add_argument("--hours", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--scenario", default=str(ROOT / "simulations/scenarios/churn_weibull.toml"))
+    ap.add_argument("--scenario", default=str(ROOT / "simulations/scenarios/scale.toml"))
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args(argv)
     sc = load_scenario(args.scenario)

@@ -128,3 +128,29 @@ def test_baselines_are_feasible_and_never_beat_the_planner_here(name):
 def test_plan_is_a_plain_value():
     p = plan(uniform_layers(2), [PeerSpec("a", GB, 1e9, 1e9)], in_bytes=1, batch_size=1, microbatch_size=1)
     assert isinstance(p, Plan) and p.stages == [Stage(0, 2, ("a",))]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cap_replicas_trims_each_stage_and_recuts_without_breaking_memory(seed):
+    from p2ptrain.planner import cap_replicas
+
+    rng = random.Random(seed)
+    layers = [LayerCost(rng.randint(1_000, 20_000), rng.randint(10, 200), rng.uniform(1e6, 1e8))
+              for _ in range(8)]
+    peers = [PeerSpec(f"p{i:02d}", rng.randint(60_000, 200_000), rng.uniform(1e8, 2e9), rng.uniform(1e7, 1e9))
+             for i in range(24)]
+    kw = dict(in_bytes=40, batch_size=64, microbatch_size=8)
+    full = plan(layers, peers, **kw)
+    assert max(len(s.peers) for s in full.stages) > 2   # this pool is worth replicating
+    for cap in (1, 2):
+        capped = cap_replicas(full, layers, peers, max_replicas=cap, **kw)
+        assert all(len(s.peers) <= cap for s in capped.stages)
+        assert [s.peers for s in capped.stages] == [s.peers[:cap] for s in full.stages]
+        assert memory_violations(capped, layers, peers, **kw) == []
+        used = [p for s in capped.stages for p in s.peers]
+        assert sorted(used + list(capped.unused)) == sorted(p.peer_id for p in peers)
+        trimmed_only = Plan([Stage(s.start, s.stop, s.peers[:cap]) for s in full.stages])
+        assert step_time(capped, layers, peers, **kw) <= step_time(trimmed_only, layers, peers, **kw) + 1e-12
+    assert cap_replicas(full, layers, peers, max_replicas=64, **kw) is full
+    with pytest.raises(ValueError):
+        cap_replicas(full, layers, peers, max_replicas=0, **kw)

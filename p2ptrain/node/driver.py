@@ -83,6 +83,9 @@ class DriverConfig:
     step_timeout_s: float = 120.0
     max_event_backlog: int = 1024
     max_in_flight: int | None = None   # None: one micro-batch per stage replica (1F1B)
+    # Most peers serving one stage; None: the micro-batch count (replicas beyond it idle).
+    # Fewer replicas make a plan slower but less likely to lose a peer under churn.
+    max_replicas: int | None = None
     # Snapshot period in steps; None picks it so that fetching the state costs at most
     # `snapshot_overhead` of the training time (see `_snapshot_period`).
     snapshot_every_steps: int | None = None
@@ -274,7 +277,11 @@ class _Driver:
         return [p for p in peers if self.excluded.get(p["peer_id"], now) <= now]
 
     def _plan(self, peers: list[dict], previous: planner.Plan | None):
-        return _plan_job(self.spec, self.costs, self.shapes, peers, previous, self.exported)
+        return _plan_job(self.spec, self.costs, self.shapes, peers, previous, self.exported, self.max_replicas)
+
+    @property
+    def max_replicas(self) -> int:
+        return self.config.max_replicas or self.spec.microbatches
 
     async def _run_epoch(self, epoch, stages, the_plan, bundles, pending) -> bool:
         """Train from the latest snapshot until done (True), a rebalance (False), or a lost
@@ -365,6 +372,8 @@ class _Driver:
         specs, sizes = _peer_specs(peers), self.shapes.sizes
         current = planner.step_time(job.plan, self.costs, specs, **sizes)
         fresh = planner.plan(self.costs, specs, state_factor=self.spec.state_factor, **sizes)
+        fresh = planner.cap_replicas(fresh, self.costs, specs, max_replicas=self.max_replicas,
+                                     state_factor=self.spec.state_factor, **sizes)
         return planner.step_time(fresh, self.costs, specs, **sizes) < (1 - self.config.rebalance_gain) * current
 
 
@@ -416,9 +425,10 @@ def _peer_specs(peers: list[dict]) -> list[planner.PeerSpec]:
 
 
 def _plan_job(spec: TrainSpec, costs, shapes: _Shapes, peers: list[dict], previous: planner.Plan | None,
-              exported: dict):
+              exported: dict, max_replicas: int):
     """Plan the model onto `peers` (re-planning from `previous` after churn, which keeps
-    stages in place where it can) and export each stage. Pure compute, no I/O.
+    stages in place where it can), at most `max_replicas` peers per stage, and export each
+    stage. Pure compute, no I/O.
 
     `exported` caches bundles by (start, stop, keep_residuals): a stage that survives a
     re-plan is not exported again, and its byte-identical programs hit the peers' compile
@@ -428,6 +438,8 @@ def _plan_job(spec: TrainSpec, costs, shapes: _Shapes, peers: list[dict], previo
         the_plan = planner.plan(costs, specs, state_factor=spec.state_factor, **shapes.sizes)
     else:
         the_plan = planner.replan(previous, costs, specs, state_factor=spec.state_factor, **shapes.sizes).plan
+    the_plan = planner.cap_replicas(the_plan, costs, specs, max_replicas=max_replicas,
+                                    state_factor=spec.state_factor, **shapes.sizes)
     by_id = {p["peer_id"]: p for p in peers}
     stages = [StageAssignment(s.start, s.stop, tuple(s.peers), tuple(by_id[p]["address"] for p in s.peers))
               for s in the_plan.stages]

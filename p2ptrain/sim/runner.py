@@ -24,7 +24,7 @@ import trio
 
 from .. import losses, planner
 from ..compute import Sequential, profile_layers
-from ..node.bootstrap import serve_bootstrap
+from ..node.bootstrap import BootstrapConfig, serve_bootstrap
 from ..node.driver import DriverConfig, TrainingError, TrainSpec, _Driver
 from ..node.link import Link
 from ..node.peer import PeerConfig, serve_peer
@@ -99,6 +99,7 @@ class _State:
     network: SimNetwork
     compute: ComputeModel
     shape_only: bool = False
+    heartbeat_interval_s: float = 1.0
     bootstrap_address: str = ""
     samples: dict[str, PeerSample] = field(default_factory=dict)
     scopes: dict[str, trio.CancelScope] = field(default_factory=dict)
@@ -232,7 +233,8 @@ async def _run(scenario: Scenario, seed: int) -> dict:
     costs = profile_layers(model, params, batches(0)[0][:mb_size])
     trace = Trace(keep_events=0)
     network = SimNetwork(seed, default_link=LinkSpec(latency_s=0.0), trace=trace)
-    state = _State(trace, network, ComputeModel(costs, mb_size), shape_only=m.compute == "shape_only")
+    state = _State(trace, network, ComputeModel(costs, mb_size), shape_only=m.compute == "shape_only",
+                   heartbeat_interval_s=scenario.heartbeat_interval_s)
     pool, profiles, arrival = draw_peers(scenario, rng)
     state.samples.update({s.spec.peer_id: s for s in pool})
 
@@ -253,7 +255,9 @@ async def _run(scenario: Scenario, seed: int) -> dict:
     result: dict = {}
     async with trio.open_nursery() as nursery:
         state.bootstrap_address = await nursery.start(
-            serve_bootstrap, SimTransport(network, BOOTSTRAP), f"{BOOTSTRAP}:7070")
+            serve_bootstrap, SimTransport(network, BOOTSTRAP), f"{BOOTSTRAP}:7070", BootstrapConfig(
+                heartbeat_interval_s=scenario.heartbeat_interval_s, suspect_after_s=3 * scenario.heartbeat_interval_s,
+                dead_after_s=10 * scenario.heartbeat_interval_s))
         nursery.start_soon(_apply_churn, state, schedule.events, nursery)
         for fault in scenario.faults:
             nursery.start_soon(_apply_fault, state, fault, nursery)
@@ -272,7 +276,8 @@ async def _drive(state: _State, scenario: Scenario, model, batches, params, hori
     m = scenario.model
     spec = TrainSpec(model, batches, losses.softmax_cross_entropy, optax.adam(OPTIMIZER_LR), steps=10**9,
                      microbatches=m.microbatches, params=list(params))
-    config = DriverConfig(wait_for_peers_s=max(600.0, horizon_s), max_recoveries=10**6)
+    config = DriverConfig(wait_for_peers_s=max(600.0, horizon_s), max_recoveries=10**6,
+                          max_replicas=scenario.max_replicas)
     steps: list[tuple[float, int, float]] = []
     plans: list[tuple[float, float]] = []   # (time planned, cost-model step time)
     sizes = dict(in_bytes=batches(0)[0][0].nbytes, batch_size=m.batch_size,
@@ -335,6 +340,7 @@ def _start_peer(state: _State, peer_id: str, nursery: trio.Nursery) -> None:
     config = PeerConfig(bootstrap=state.bootstrap_address, listen=f"{peer_id}:1",
                         memory_bytes=max(1, s.spec.memory_bytes), flops_per_s=s.spec.flops_per_s,
                         compute_in_thread=False, shape_only=state.shape_only,
+                        heartbeat_interval_s=state.heartbeat_interval_s,
                         compute_delay_s=state.compute.for_peer(peer_id, s.spec.flops_per_s))
     scope = state.scopes[peer_id] = trio.CancelScope()
     state.live.add(peer_id)

@@ -11,6 +11,8 @@ Format (every key optional except where said):
     flops_scale = 1e3                # profile FLOP/s divided by this ...
     memory_scale = 3e4               # ... memory by this, bandwidth by bandwidth_scale:
     bandwidth_scale = 10.0           # the small model that really runs stands for a larger one
+    max_replicas = 2                 # most peers per stage (default: the micro-batch count)
+    heartbeat_interval_s = 1.0       # peers -> bootstrap; suspect after 3x, dead after 10x
     [model]
     inputs = 32                      # features per sample
     widths = [64, 64, 64, 10]        # Dense layers, relu between; the last is the classes
@@ -80,6 +82,8 @@ class Scenario:
     flops_scale: float = 1e3
     memory_scale: float = 3e4
     bandwidth_scale: float = 10.0
+    max_replicas: int | None = None
+    heartbeat_interval_s: float = 1.0
     model: ModelSpec = ModelSpec()
     sessions: SessionModel = SessionModel()
     faults: tuple[Fault, ...] = ()
@@ -158,6 +162,8 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<scenario>") -> Scena
         flops_scale=_num(swarm, "flops_scale", d.flops_scale, f"{source} [swarm]"),
         memory_scale=_num(swarm, "memory_scale", d.memory_scale, f"{source} [swarm]"),
         bandwidth_scale=_num(swarm, "bandwidth_scale", d.bandwidth_scale, f"{source} [swarm]"),
+        max_replicas=_int(swarm, "max_replicas", 1, f"{source} [swarm]") if "max_replicas" in swarm else None,
+        heartbeat_interval_s=_num(swarm, "heartbeat_interval_s", d.heartbeat_interval_s, f"{source} [swarm]"),
         model=spec, sessions=sessions, faults=tuple(sorted(faults, key=lambda f: f.at_s)))
 
 
