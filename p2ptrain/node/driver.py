@@ -97,6 +97,7 @@ class DriverConfig:
     rebalance_gain: float = 0.2
     # ... checked at most this often: each check runs the planner over the whole directory,
     # which under steady arrivals into a large swarm would otherwise happen at every snapshot.
+    # Each check that finds no gain doubles the wait, up to 16x (a gain resets it).
     rebalance_interval_s: float = 30.0
     # How often the bootstrap hears the job's progress (`p2ptrain status`; informational).
     status_interval_s: float = 1.0
@@ -206,6 +207,7 @@ class _Driver:
         self.snapshot_times: list[float] = []
         self.exported: dict = {}
         self.recoveries: list[Recovery] = []
+        self.rebalance_wait_s = config.rebalance_interval_s
         self.shapes = _shapes(spec)
         self.samples_per_step = self.shapes.batch_size
         self.costs = profile_layers(spec.model, spec.params, self.shapes.x_mb)
@@ -221,8 +223,7 @@ class _Driver:
         self.snapshot, self.step = snapshot, snapshot.step
         epoch, previous, pending = 0, None, None
         while True:
-            peers = await self._live_peers(wait=epoch > 0)
-            stages, the_plan, bundles = self._plan(peers, previous)
+            peers, (stages, the_plan, bundles) = await self._plan_on_live_peers(previous, wait=epoch > 0)
             in_use = {p for s in stages for p in s.peer_ids}
             self.planned_with = {p["peer_id"] for p in peers}
             self.rebalance_checked_at = trio.current_time()
@@ -250,20 +251,19 @@ class _Driver:
                                        self.snapshot_times)
             epoch, previous = epoch + 1, the_plan
 
-    async def _live_peers(self, *, wait: bool) -> list[dict]:
-        """Live peers from the directory, minus those this run saw fail. After a failure
-        (`wait`), waits up to `wait_for_peers_s` for enough peers to hold the model."""
+    async def _plan_on_live_peers(self, previous: planner.Plan | None, *, wait: bool):
+        """(peers, planned job) over the directory's live peers, less those this run saw
+        fail. After a failure (`wait`), waits up to `wait_for_peers_s` for enough peers to
+        hold the model; otherwise Infeasible goes to the caller."""
         deadline = trio.current_time() + self.config.wait_for_peers_s
         while True:
             reply = await request(self.directory, message("directory_request"), "directory")
             peers = self._usable(reply.fields["peers"])
-            if not wait:
-                return peers
             try:
-                planner.plan(self.costs, _peer_specs(peers), state_factor=self.spec.state_factor,
-                             **self.shapes.sizes)
-                return peers
+                return peers, self._plan(peers, previous)
             except (planner.Infeasible, TrainingError) as exc:
+                if not wait:
+                    raise
                 if trio.current_time() >= deadline:
                     where = f"; the last checkpoint is in {self.spec.state_dir}" if self.spec.state_dir else ""
                     raise TrainingError(
@@ -360,9 +360,10 @@ class _Driver:
     async def _should_rebalance(self, job: "_Job") -> bool:
         """Whether peers that joined since the plan (or the last check) would make steps
         `rebalance_gain` faster. Checked at most every `rebalance_interval_s`."""
-        if trio.current_time() < self.rebalance_checked_at + self.config.rebalance_interval_s:
+        if trio.current_time() < self.rebalance_checked_at + self.rebalance_wait_s:
             return False
         self.rebalance_checked_at = trio.current_time()
+        self.rebalance_wait_s = min(2 * self.rebalance_wait_s, 16 * self.config.rebalance_interval_s)
         reply = await request(self.directory, message("directory_request"), "directory")
         peers = self._usable(reply.fields["peers"])
         ids = {p["peer_id"] for p in peers}
@@ -374,7 +375,10 @@ class _Driver:
         fresh = planner.plan(self.costs, specs, state_factor=self.spec.state_factor, **sizes)
         fresh = planner.cap_replicas(fresh, self.costs, specs, max_replicas=self.max_replicas,
                                      state_factor=self.spec.state_factor, **sizes)
-        return planner.step_time(fresh, self.costs, specs, **sizes) < (1 - self.config.rebalance_gain) * current
+        if planner.step_time(fresh, self.costs, specs, **sizes) >= (1 - self.config.rebalance_gain) * current:
+            return False
+        self.rebalance_wait_s = self.config.rebalance_interval_s
+        return True
 
 
 _PERIOD_SAMPLES = 5   # steps timed before the automatic snapshot period is chosen
