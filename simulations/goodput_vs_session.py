@@ -6,7 +6,7 @@ divides its samples/s by a churn-free run at the same mean live peer count and s
 table and writes out/goodput_vs_session.png and .json.
 
     .venv/bin/python simulations/goodput_vs_session.py [--peers 64] [--hours 1] [--seed 0]
-        [--sessions-min 10,30,60,180] [--scenario simulations/scenarios/churn_exponential.toml]
+        [--sessions-min 10,30,60,180] [--scenario simulations/scenarios/goodput.toml]
 
 Each run costs wall time roughly in proportion to peers x virtual hours (every heartbeat and
 micro-batch is simulated); see sim_scale.py for the rate on this machine.
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sessions-min", default="10,30,60,180")
     ap.add_argument("--distributions", default="exponential,weibull")
-    ap.add_argument("--scenario", default=str(ROOT / "simulations/scenarios/churn_exponential.toml"))
+    ap.add_argument("--scenario", default=str(ROOT / "simulations/scenarios/goodput.toml"))
     ap.add_argument("--out", default=str(ROOT / "out"))
     args = ap.parse_args(argv)
     base = load_scenario(args.scenario)

@@ -154,3 +154,16 @@ def test_cap_replicas_trims_each_stage_and_recuts_without_breaking_memory(seed):
     assert cap_replicas(full, layers, peers, max_replicas=64, **kw) is full
     with pytest.raises(ValueError):
         cap_replicas(full, layers, peers, max_replicas=0, **kw)
+
+
+def test_shortlist_keeps_the_top_peers_by_speed_link_and_memory_and_the_previous_plan():
+    from p2ptrain.planner import shortlist
+
+    peers = [PeerSpec(f"p{i:02d}", 1000 + (i * 7) % 20, 1e9 + (i * 11) % 20, 1e6 + (i * 13) % 20) for i in range(20)]
+    previous = Plan([Stage(0, 1, ("p00",))])
+    short = shortlist(peers, previous, max_peers=2)
+    top = {key: sorted(peers, key=lambda p: (-key(p), p.peer_id))[:2]
+           for key in (lambda p: p.flops_per_s, lambda p: p.bandwidth_bytes_per_s, lambda p: p.memory_bytes)}
+    expected = {"p00"} | {p.peer_id for ranked in top.values() for p in ranked}
+    assert {p.peer_id for p in short} == expected and len(short) < len(peers)
+    assert shortlist(peers, None, max_peers=20) == peers

@@ -372,9 +372,7 @@ class _Driver:
         self.planned_with |= ids   # a peer found no help now is not re-examined at every check
         specs, sizes = _peer_specs(peers), self.shapes.sizes
         current = planner.step_time(job.plan, self.costs, specs, **sizes)
-        fresh = planner.plan(self.costs, specs, state_factor=self.spec.state_factor, **sizes)
-        fresh = planner.cap_replicas(fresh, self.costs, specs, max_replicas=self.max_replicas,
-                                     state_factor=self.spec.state_factor, **sizes)
+        fresh = _capped_plan(self.spec, self.costs, sizes, specs, None, self.max_replicas)
         if planner.step_time(fresh, self.costs, specs, **sizes) >= (1 - self.config.rebalance_gain) * current:
             return False
         self.rebalance_wait_s = self.config.rebalance_interval_s
@@ -428,22 +426,25 @@ def _peer_specs(peers: list[dict]) -> list[planner.PeerSpec]:
             for p in peers]
 
 
+def _capped_plan(spec: TrainSpec, costs, sizes: dict, specs: list, previous: planner.Plan | None,
+                 max_replicas: int) -> planner.Plan:
+    """A plan (a re-plan from `previous` after churn, which keeps stages in place where it
+    can) over the shortlist of `specs`, at most `max_replicas` peers per stage."""
+    specs = planner.shortlist(specs, previous, max_peers=len(costs) * max_replicas)
+    kw = dict(state_factor=spec.state_factor, **sizes)
+    the_plan = planner.plan(costs, specs, **kw) if previous is None else planner.replan(previous, costs, specs, **kw).plan
+    return planner.cap_replicas(the_plan, costs, specs, max_replicas=max_replicas, **kw)
+
+
 def _plan_job(spec: TrainSpec, costs, shapes: _Shapes, peers: list[dict], previous: planner.Plan | None,
               exported: dict, max_replicas: int):
-    """Plan the model onto `peers` (re-planning from `previous` after churn, which keeps
-    stages in place where it can), at most `max_replicas` peers per stage, and export each
-    stage. Pure compute, no I/O.
+    """Plan the model onto `peers` (see `_capped_plan`) and export each stage. Pure
+    compute, no I/O.
 
     `exported` caches bundles by (start, stop, keep_residuals): a stage that survives a
     re-plan is not exported again, and its byte-identical programs hit the peers' compile
     cache, which keeps recovery short."""
-    specs = _peer_specs(peers)
-    if previous is None:
-        the_plan = planner.plan(costs, specs, state_factor=spec.state_factor, **shapes.sizes)
-    else:
-        the_plan = planner.replan(previous, costs, specs, state_factor=spec.state_factor, **shapes.sizes).plan
-    the_plan = planner.cap_replicas(the_plan, costs, specs, max_replicas=max_replicas,
-                                    state_factor=spec.state_factor, **shapes.sizes)
+    the_plan = _capped_plan(spec, costs, shapes.sizes, _peer_specs(peers), previous, max_replicas)
     by_id = {p["peer_id"]: p for p in peers}
     stages = [StageAssignment(s.start, s.stop, tuple(s.peers), tuple(by_id[p]["address"] for p in s.peers))
               for s in the_plan.stages]

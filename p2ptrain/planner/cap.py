@@ -1,4 +1,5 @@
-"""cap_replicas(): a plan with at most `max_replicas` peers per stage.
+"""cap_replicas(): a plan with at most `max_replicas` peers per stage; shortlist(): the
+peers such a plan is likely to use, so that planning a large swarm stays cheap.
 
 Why a cap. The runtime gives micro-batch i to replica i mod R, so replicas beyond the
 step's micro-batch count sit idle (the cost model, which lets replicas share samples
@@ -8,7 +9,12 @@ running epoch to fail: a smaller plan fails less often (see simulations/goodput_
 How. Each stage keeps its fastest `max_replicas` peers (the plan lists them fastest first),
 and the cuts are re-chosen exactly for those groups (partition.cut_groups). Trimming never
 breaks memory (a replica's memory does not depend on how many replicas its stage has), so
-the original cuts stay feasible and the re-cut is at least as fast. Pure.
+the original cuts stay feasible and the re-cut is at least as fast.
+
+A capped plan uses at most (layers x max_replicas) peers; `shortlist` keeps that many of
+the fastest, of the best-connected and of the largest peers (a peer can matter for any of
+the three), plus the previous plan's peers, so a re-plan of 256 peers prices ~50.
+A heuristic: a peer in none of the three top lists is not considered. Pure.
 """
 
 from __future__ import annotations
@@ -49,3 +55,16 @@ def cap_replicas(
     dropped = {p for s in plan.stages for p in s.peers[max_replicas:]}
     return Plan(stages=[Stage(a, b, g) for a, b, g in zip(bounds[:-1], bounds[1:], kept)],
                 unused=tuple(sorted(set(plan.unused) | dropped)))
+
+
+def shortlist(peers: Sequence[PeerSpec], previous: Plan | None, *, max_peers: int) -> list[PeerSpec]:
+    """The peers among the `max_peers` fastest, best-connected or largest (ties by id),
+    plus every peer of `previous`, in the order given; all of them if there are no more
+    than `max_peers`."""
+    if len(peers) <= max_peers:
+        return list(peers)
+    keep = set(previous.peer_ids()) if previous is not None else set()
+    for measure in (lambda p: p.flops_per_s, lambda p: p.bandwidth_bytes_per_s, lambda p: p.memory_bytes):
+        ranked = sorted(peers, key=lambda p: (-measure(p), p.peer_id))
+        keep.update(p.peer_id for p in ranked[:max_peers])
+    return [p for p in peers if p.peer_id in keep]
