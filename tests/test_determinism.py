@@ -193,3 +193,25 @@ def test_trace_encoding_is_canonical():
         b.record(t, "tick", t)
     assert a.hash() == b.hash() and a.count == 5 and a.events() == [(3, "tick", 3), (4, "tick", 4)]
     assert b.events() == []
+
+
+def test_virtual_clock_jumps_to_each_deadline_in_order():
+    """run_deterministic's VirtualClock: time moves only to deadlines, exactly, and tasks
+    wake in deadline order (an hour of sleeps runs at once)."""
+    woke = []
+
+    async def sleeper(name, delay_s):
+        await trio.sleep(delay_s)
+        woke.append((name, trio.current_time()))
+
+    async def main():
+        assert trio.current_time() == 0.0
+        async with trio.open_nursery() as nursery:
+            for name, delay_s in (("c", 3600.0), ("a", 0.25), ("b", 1.5)):
+                nursery.start_soon(sleeper, name, delay_s)
+        with trio.move_on_after(2.0):
+            await trio.sleep_forever()
+        return trio.current_time()
+
+    assert run_deterministic(main, seed=0) == 3602.0
+    assert woke == [("a", 0.25), ("b", 1.5), ("c", 3600.0)]
