@@ -92,6 +92,11 @@ class Link:
     def __repr__(self) -> str:
         return f"<Link to {self.remote_peer_id}>"
 
+    @property
+    def can_send(self) -> bool:
+        """False once a send failed, broke off mid-frame, or the link was closed."""
+        return self._send_broken is None
+
     async def send(self, frame: Frame) -> None:
         """Send one whole frame. Raises LinkClosed if the link is closed or broken,
         FrameError if the frame cannot be encoded or exceeds max_frame_bytes (nothing is sent).

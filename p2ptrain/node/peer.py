@@ -125,10 +125,17 @@ class Peer:
         await self._receive_loop(Link(connection))
 
     async def link_to(self, peer_id: str, address: str) -> Link:
-        """The link to `peer_id`, opened (with its id pinned) if there is none yet."""
+        """The link to `peer_id`, opened (with its id pinned) if there is none yet or the
+        cached one can no longer send (e.g. a send of an ended job was cancelled mid-frame:
+        that stream is out of sync for good, though both peers are healthy)."""
         lock = self._connecting.setdefault(peer_id, trio.Lock())
         async with lock:
             link = self.links.get(peer_id)
+            if link is not None and not link.can_send:
+                del self.links[peer_id]
+                with trio.CancelScope(shield=True):
+                    await link.aclose()
+                link = None
             if link is None:
                 link = Link(await self.transport.connect(address, expected_peer_id=peer_id))
                 self.links[peer_id] = link
@@ -146,12 +153,13 @@ class Peer:
                     log.warning("closing link to %s: %s", peer_id[:12], exc)
                     break
         finally:
-            if self.links.get(peer_id) is link:
+            current = self.links.get(peer_id) is link   # not when link_to replaced it
+            if current:
                 del self.links[peer_id]
             with trio.CancelScope(shield=True):
                 await link.aclose()
             for job in list(self.jobs.values()):
-                if job.driver_id == peer_id:
+                if current and job.driver_id == peer_id:
                     self.drop_job(job.job_id, "the driver disconnected")
 
     # -- messages ------------------------------------------------------------------------
@@ -335,7 +343,7 @@ class Peer:
         if task.kind == "forward":
             y = await self._compute(lambda: runner.forward(task.mb, task.x))
             await self._modelled_compute(job, "forward")
-            await (await self._neighbour(job.route(job.next, task.mb))).send(message("forward", [y], **ids))
+            await self._send_to(job.route(job.next, task.mb), message("forward", [y], **ids))
             return
         if task.kind == "grads":
             await self._compute(lambda: runner.add_grads(task.mb, task.grad))
@@ -349,8 +357,7 @@ class Peer:
                 grad_in = await self._compute(lambda: runner.backward(task.mb, task.grad))
                 await self._modelled_compute(job, "backward")
             if job.prev:
-                await (await self._neighbour(job.route(job.prev, task.mb))).send(
-                    message("backward", [grad_in], **ids))
+                await self._send_to(job.route(job.prev, task.mb), message("backward", [grad_in], **ids))
             else:
                 await (await self.link_to_driver(job)).send(message("backward_done", **ids))
             job.own_done += 1
@@ -371,12 +378,17 @@ class Peer:
         for sibling in job.replicas:
             if sibling.peer_id == self.transport.peer_id:
                 continue
-            link = await self._neighbour(sibling)
             for mb, leaves in shared.items():
-                await link.send(message("grads", leaves, job_id=job.job_id, step=step, mb=mb))
+                await self._send_to(sibling, message("grads", leaves, job_id=job.job_id, step=step, mb=mb))
 
-    async def _neighbour(self, neighbour: _Neighbour) -> Link:
-        return await self.link_to(neighbour.peer_id, neighbour.address)
+    async def _send_to(self, neighbour: _Neighbour, msg: Frame) -> None:
+        """Send to a stage neighbour, once more over a fresh link if the cached one fails
+        (it may have been broken by an ended job or closed by the other side while idle).
+        Safe: the receiving inbox drops a duplicate. A second failure is the neighbour's."""
+        try:
+            await (await self.link_to(neighbour.peer_id, neighbour.address)).send(msg)
+        except LinkClosed:
+            await (await self.link_to(neighbour.peer_id, neighbour.address)).send(msg)
 
     async def link_to_driver(self, job: _StageJob) -> Link:
         link = self.links.get(job.driver_id)
