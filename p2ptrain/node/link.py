@@ -9,6 +9,8 @@ frame is `FrameError`, after which the link is out of sync and the caller must c
 
 from __future__ import annotations
 
+import math
+
 import trio
 
 from ..transport.base import Connection
@@ -82,6 +84,7 @@ class Link:
         self._send_broken: str | None = None  # why sending is impossible, once it is
         self._receive_broken: str | None = None
         self._closed = False
+        self.last_sent_s = -math.inf   # trio time when the last whole frame was sent
         # Receive state, kept across calls so that receive() can be cancelled and resumed
         # without losing bytes: bytes read ahead of the current frame, and the body being
         # filled (with how much of it is filled) once its length is known.
@@ -116,6 +119,7 @@ class Link:
             try:
                 for buffer in buffers:
                     await self._stream.send_all(buffer)
+                self.last_sent_s = trio.current_time()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._send_broken = f"link to {self.remote_peer_id} is broken: {exc or type(exc).__name__}"
                 raise LinkClosed(self._send_broken) from exc
