@@ -410,6 +410,10 @@ class StageRunner:
 
     # ------------------------------------------------------------------ state out
 
+    @property
+    def param_leaf_count(self) -> int:
+        return len(self._params)
+
     def params_leaves(self) -> list[np.ndarray]:
         return [np.asarray(p) for p in self._params]
 

@@ -189,8 +189,12 @@ class Peer:
             self._expect_sender(job, link, job.route(job.next, f["mb"]).peer_id if job.next else None)
             job.inbox.add_backward(f["step"], f["mb"], self._checked(msg, job.runner.out_shape, job.runner.out_dtype, "backward"))
         elif kind == "grads":
-            self._expect_sender(job, link, job.route(job.replicas, f["mb"]).peer_id)
-            job.inbox.add_grads(f["step"], f["mb"], list(msg.arrays))
+            mbs, per_mb = f["mbs"], job.runner.param_leaf_count
+            if not mbs or not all(type(mb) is int for mb in mbs) or len(msg.arrays) != len(mbs) * per_mb:
+                raise ProtocolError(f"grads: {len(msg.arrays)} arrays for micro-batches {mbs!r:.80}")
+            for i, mb in enumerate(mbs):
+                self._expect_sender(job, link, job.route(job.replicas, mb).peer_id)
+                job.inbox.add_grads(f["step"], mb, list(msg.arrays[i * per_mb:(i + 1) * per_mb]))
         elif kind == "fetch_params":
             self._expect_sender(job, link, job.driver_id)
             params, opt_state = await self._compute(
@@ -382,11 +386,13 @@ class Peer:
     async def _share_grads(self, job: _StageJob, step: int) -> None:
         """Send this replica's micro-batch gradients to the stage's other replicas."""
         shared = job.runner.take_shared_grads()
+        if not shared:
+            return
         for sibling in job.replicas:
             if sibling.peer_id == self.transport.peer_id:
                 continue
-            for mb, leaves in shared.items():
-                await self._send_to(sibling, message("grads", leaves, job_id=job.job_id, step=step, mb=mb))
+            await self._send_to(sibling, message("grads", [a for mb in sorted(shared) for a in shared[mb]],
+                                                 job_id=job.job_id, step=step, mbs=sorted(shared)))
 
     async def _send_to(self, neighbour: _Neighbour, msg: Frame) -> None:
         """Send to a stage neighbour, once more over a fresh link if the cached one fails

@@ -53,7 +53,9 @@ SCHEMAS: dict[str, tuple[dict[str, type | tuple[type, ...]], int | None]] = {
     "loss": ({"job_id": str, "step": int, "mb": int, "value": float}, 0),
     "backward_done": ({"job_id": str, "step": int, "mb": int}, 0),
     "step_done": ({"job_id": str, "step": int}, 0),
-    "grads": ({"job_id": str, "step": int, "mb": int}, None),
+    # One replica's parameter gradients of its micro-batches `mbs` (ascending), each
+    # micro-batch's leaves in turn: len(arrays) = len(mbs) x the stage's param leaves.
+    "grads": ({"job_id": str, "step": int, "mbs": list}, None),
     "fetch_params": ({"job_id": str}, 0),
     "params": ({"job_id": str, "stage": int, "n_params": int}, None),
     "end_job": ({"job_id": str}, 0),
