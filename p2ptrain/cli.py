@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Fault injection for churn tests and demos: SIGKILL this peer as it starts PHASE
     # (forward, backward, last, grads, update) of STEP[, micro-batch MB], but only if it is
     # the first to create the token file (so a replayed step does not kill the replacement).
+    # Which allowed core --threads starts from (LocalSwarm spreads its peers over the cores).
+    p.add_argument("--first-cpu", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--crash-at", help=argparse.SUPPRESS)
     p.add_argument("--crash-token", help=argparse.SUPPRESS)
 
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "join" and args.threads:
         from .hardware import limit_threads
 
-        limit_threads(args.threads)   # before jax is imported anywhere
+        limit_threads(args.threads, args.first_cpu)   # before jax is imported anywhere
     if args.command == "demo":
         from .demo import run_demo
 

@@ -22,15 +22,19 @@ def parse_size(text: str) -> int:
     return int(float(number) * base ** " KMGT".index(unit.upper() or " "))
 
 
-def limit_threads(threads: int) -> None:
+def limit_threads(threads: int, first: int = 0) -> None:
     """Confine this process to `threads` CPU cores and XLA to as many threads.
 
     Pinning the process (sched_setaffinity) is what really bounds the CPU used; the XLA flags
-    keep its thread pools from oversubscribing the pinned cores.
+    keep its thread pools from oversubscribing the pinned cores. The cores are taken from the
+    allowed ones in order, starting at index `first` (wrapping): peers started together on
+    one machine pass different `first`s, or they would all share the first core.
     """
     if threads < 1:
         raise ValueError("--threads must be at least 1")
-    cpus = sorted(os.sched_getaffinity(0))[:threads]
+    allowed = sorted(os.sched_getaffinity(0))
+    start = first % len(allowed)
+    cpus = (allowed[start:] + allowed[:start])[:threads]
     os.sched_setaffinity(0, cpus)
     flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (f"{flags} --xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} "

@@ -62,8 +62,8 @@ class LocalSwarm:
         args = ["join", "--bootstrap", self.address, "--listen", "127.0.0.1:0", *extra]
         if memory:
             args += ["--memory", memory]
-        if threads:
-            args += ["--threads", str(threads)]
+        if threads:   # each peer on its own cores while there are enough
+            args += ["--threads", str(threads), "--first-cpu", str(threads * len(self.peers))]
         node = self._start(args, f"peer{len(self.peers)}")
         self.peers.append(node)
         return node

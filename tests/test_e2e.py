@@ -1,6 +1,7 @@
 """End to end: real `p2ptrain` processes on loopback, mutual TLS, the real CLI."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -97,11 +98,15 @@ def test_status_json_lists_the_live_peers(swarm):
     assert isinstance(status["jobs"], list)
 
 
-def test_threads_cap_pins_the_peer_process(swarm):
-    pid = swarm.peers[0].process.pid
-    with open(f"/proc/{pid}/status") as f:
-        allowed = next(line for line in f if line.startswith("Cpus_allowed_list")).split()[1]
-    assert "," not in allowed and "-" not in allowed, f"--threads 1 but allowed CPUs are {allowed}"
+def test_threads_cap_pins_each_peer_process_to_its_own_core(swarm):
+    def allowed(node):
+        with open(f"/proc/{node.process.pid}/status") as f:
+            return next(line for line in f if line.startswith("Cpus_allowed_list")).split()[1]
+
+    cores = [allowed(node) for node in swarm.peers]
+    assert all("," not in c and "-" not in c for c in cores), f"--threads 1 but allowed CPUs are {cores}"
+    # LocalSwarm spreads its peers over the cores (they all sat on the first one before).
+    assert len(set(cores)) == min(len(cores), len(os.sched_getaffinity(0)))
 
 
 def test_sigterm_announces_the_leave_and_exits_zero():
