@@ -6,10 +6,9 @@ simulator, side by side (issue 4: agree "within 25%"; this script reports the ra
 
 1. REAL: a `LocalSwarm` (bootstrap + `--peers` real `p2ptrain join --threads 1` processes,
    TLS on loopback). Memory caps are the smallest that hold the model with one peer per
-   stage, plus 5% slack, so the plan is a `--peers`-stage pipeline. Each peer is started
-   pinned to its own core (`join --threads 1` pins itself to the first core it may use, so
-   otherwise all peers would share core 0); with more peers than cores they share cores,
-   which the simulation does not model. A 784-hidden-10 MLP trains for --steps steps; we
+   stage, plus 5% slack, so the plan is a `--peers`-stage pipeline. LocalSwarm pins each
+   peer to its own core; with more peers than cores they share cores, which the simulation
+   does not model. A 784-hidden-10 MLP trains for --steps steps; we
    keep the driver's per-step times (`TrainResult.step_times_s`: wall time, snapshot
    fetches excluded), the plan, each peer's announcement (`p2ptrain status --json`), each
    peer's CPU time per step, and the CPU that other processes on the machine used meanwhile.
@@ -179,8 +178,8 @@ def run_real(setup: Setup, peers: int, cap_bytes: int, steps: int, warmup: int) 
     cores: dict[str, int] = {}
     with LocalSwarm() as swarm:
         for i in range(peers):
-            core = CORES[i % len(CORES)]
-            cores[spawn_on_core(core, lambda: swarm.join(memory=str(cap_bytes), threads=1)).peer_id] = core
+            # LocalSwarm puts peer i on the i-th allowed core (mod the count).
+            cores[swarm.join(memory=str(cap_bytes), threads=1).peer_id] = CORES[i % len(CORES)]
         status = subprocess.run([sys.executable, "-m", "p2ptrain", "status", "--bootstrap", swarm.address,
                                  "--json"], capture_output=True, text=True, check=True)
         announced = {p["peer_id"]: p for p in json.loads(status.stdout)["peers"]}
