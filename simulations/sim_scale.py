@@ -1,9 +1,11 @@
 """Simulator scale: 256 peers for one virtual hour (issue 4, experiment 2).
 
-Runs the churn scenario with `--peers` peers for `--hours` virtual hours (no churn-free
-baseline) and reports wall time, trace events and events per wall second, and the share of
-wall time in the top functions (cProfile, with --profile). Target: 256 peers x 1 h in under
-2 minutes on a 2-core machine.
+Runs simulations/scenarios/scale.toml (256 profile-drawn volunteer peers, Weibull sessions
+with a 30-minute mean and Poisson arrivals, shape-only compute, at most 2 replicas per stage,
+bootstrap heartbeats every 10 s; every frame of the real bootstrap, peer and driver code is
+simulated) for `--hours` virtual hours without a churn-free baseline, and reports wall time,
+trace events and events per wall second, and with --profile the top functions (cProfile,
+which about doubles the wall time). Target: 256 peers x 1 h in under 2 minutes here.
 
     .venv/bin/python simulations/sim_scale.py [--peers 256] [--hours 1] [--seed 0] [--profile]
 """

@@ -64,6 +64,8 @@ def test_every_scenario_file_parses():
     for path in SCENARIOS.glob("*.toml"):
         sc = load_scenario(path)
         assert sc.name == path.stem and sc.model.batch_size % sc.model.microbatches == 0
+    scale = load_scenario(SCENARIOS / "scale.toml")
+    assert scale.peers == 256 and scale.hours == 1.0 and scale.model.compute == "shape_only"
     faults = load_scenario(SCENARIOS / "faults.toml").faults
     assert [f.kind for f in faults] == ["kill_stage", "partition_stage", "pause", "slow"]
 
@@ -71,6 +73,7 @@ def test_every_scenario_file_parses():
 @pytest.mark.parametrize("bad", [
     {"swarm": {"peers": 0}}, {"model": {"widths": []}}, {"model": {"batch_size": 10, "microbatches": 4}},
     {"churn": {"distribution": "gamma"}}, {"faults": [{"kind": "meteor"}]}, {"hours": -1},
+    {"model": {"compute": "abacus"}}, {"swarm": {"max_replicas": 0}}, {"swarm": {"heartbeat_interval_s": 0}},
 ])
 def test_bad_scenarios_are_refused_with_a_clear_error(bad):
     with pytest.raises(ScenarioError):

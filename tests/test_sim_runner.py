@@ -63,8 +63,8 @@ def test_simulate_command_prints_json_and_writes_csv_and_plot(tmp_path):
         'flops_scale = 1e6\nmemory_scale = 7e4\n'
         '[model]\ninputs = 32\nwidths = [64, 64, 64, 4]\nbatch_size = 64\nmicrobatches = 16\n')
     out = subprocess.run([sys.executable, "-m", "p2ptrain", "simulate", str(scenario), "--seed", "3", "--json",
-                          "--no-baseline", "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+                          "--no-baseline", "--compute", "shape_only", "--out", str(tmp_path / "out")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(report["trace_hash"]) == 64 and report["steps"] >= 1 and report["failures"] == 0

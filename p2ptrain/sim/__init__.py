@@ -1,6 +1,6 @@
 """Deterministic simulation: scenarios, churn, modelled compute, the runner and its report.
 
-`p2ptrain.sim.simulate(scenario, seed, peers=None, hours=None) -> SimReport` and
+`p2ptrain.sim.simulate(scenario, seed, peers=None, hours=None, compute=None) -> SimReport` and
 `p2ptrain.sim.load_scenario(path)` are loaded lazily: the transports import
 `p2ptrain.sim.trace`, and importing the runner (node code, jax) here would be circular.
 """
