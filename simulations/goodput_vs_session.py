@@ -7,6 +7,7 @@ table and writes out/goodput_vs_session.png and .json.
 
     .venv/bin/python simulations/goodput_vs_session.py [--peers 64] [--hours 1] [--seed 0]
         [--sessions-min 10,30,60,180] [--scenario simulations/scenarios/goodput.toml]
+        [--max-replicas N|none]
 
 Each run costs wall time roughly in proportion to peers x virtual hours (every heartbeat and
 micro-batch is simulated); see sim_scale.py for the rate on this machine.
@@ -38,9 +39,12 @@ def main(argv=None) -> int:
     ap.add_argument("--sessions-min", default="10,30,60,180")
     ap.add_argument("--distributions", default="exponential,weibull")
     ap.add_argument("--scenario", default=str(ROOT / "simulations/scenarios/goodput.toml"))
+    ap.add_argument("--max-replicas", help="override the scenario's replica cap (a number, or 'none')")
     ap.add_argument("--out", default=str(ROOT / "out"))
     args = ap.parse_args(argv)
     base = load_scenario(args.scenario)
+    if args.max_replicas is not None:
+        base = replace(base, max_replicas=None if args.max_replicas == "none" else int(args.max_replicas))
     sessions_min = [float(s) for s in args.sessions_min.split(",")]
     rows = []
     # One churn-free reference for every row: same initial peers and seed.
