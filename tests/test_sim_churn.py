@@ -64,8 +64,6 @@ def test_every_scenario_file_parses():
     for path in SCENARIOS.glob("*.toml"):
         sc = load_scenario(path)
         assert sc.name == path.stem and sc.model.batch_size % sc.model.microbatches == 0
-    scale = load_scenario(SCENARIOS / "scale.toml")
-    assert scale.peers == 256 and scale.hours == 1.0 and scale.model.compute == "shape_only"
     faults = load_scenario(SCENARIOS / "faults.toml").faults
     assert [f.kind for f in faults] == ["kill_stage", "partition_stage", "pause", "slow"]
 

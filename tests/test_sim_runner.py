@@ -63,7 +63,7 @@ def test_simulate_command_prints_json_and_writes_csv_and_plot(tmp_path):
         'flops_scale = 1e6\nmemory_scale = 7e4\n'
         '[model]\ninputs = 32\nwidths = [64, 64, 64, 4]\nbatch_size = 64\nmicrobatches = 16\n')
     out = subprocess.run([sys.executable, "-m", "p2ptrain", "simulate", str(scenario), "--seed", "3", "--json",
-                          "--no-baseline", "--compute", "shape_only", "--out", str(tmp_path / "out")], cwd=ROOT,
+                          "--no-baseline", "--out", str(tmp_path / "out")], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
@@ -73,6 +73,9 @@ def test_simulate_command_prints_json_and_writes_csv_and_plot(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "p2ptrain", "simulate", str(tmp_path / "missing.toml")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "p2ptrain", "simulate", str(scenario), "--compute", "abacus"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "shape_only" in bad.stderr
 
 
 def test_goodput_is_the_ratio_to_a_given_churn_free_rate():

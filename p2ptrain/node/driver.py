@@ -106,6 +106,10 @@ class DriverConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     detector_poll_interval_s: float = 0.1
 
+    def __post_init__(self) -> None:
+        if self.max_replicas is not None and self.max_replicas < 1:
+            raise ValueError(f"max_replicas must be at least 1 (or None), got {self.max_replicas}")
+
 
 @dataclass(frozen=True)
 class StageAssignment:
@@ -363,13 +367,15 @@ class _Driver:
         if trio.current_time() < self.rebalance_checked_at + self.rebalance_wait_s:
             return False
         self.rebalance_checked_at = trio.current_time()
-        self.rebalance_wait_s = min(2 * self.rebalance_wait_s, 16 * self.config.rebalance_interval_s)
         reply = await request(self.directory, message("directory_request"), "directory")
         peers = self._usable(reply.fields["peers"])
         ids = {p["peer_id"] for p in peers}
         if ids <= self.planned_with:
             return False   # nobody new: peers the plan left out stay out (that was its choice)
+        if not set(job.plan.peer_ids()) <= ids:
+            return False   # a peer of the plan is leaving: its loss re-plans anyway
         self.planned_with |= ids   # a peer found no help now is not re-examined at every check
+        self.rebalance_wait_s = min(2 * self.rebalance_wait_s, 16 * self.config.rebalance_interval_s)
         specs, sizes = _peer_specs(peers), self.shapes.sizes
         current = planner.step_time(job.plan, self.costs, specs, **sizes)
         fresh = _capped_plan(self.spec, self.costs, sizes, specs, None, self.max_replicas)
@@ -649,12 +655,18 @@ class _Job:
         return Snapshot(step, params, opt_state, tuple(losses))
 
     async def end(self) -> None:
-        """End this epoch's job on every peer (best effort) and close the links."""
-        for member, link in self.links.items():
-            with trio.move_on_after(1):
-                try:
-                    await link.send(message("end_job", job_id=self.job_id))
-                except LinkClosed:
-                    pass
-            await link.aclose()
-        self.links.clear()
+        """End this epoch's job on every peer (best effort, at most 1 s each) and close every
+        link, also when cancelled part-way: a link left open would stay a peer's way to this
+        driver for a job the driver no longer hears."""
+        try:
+            for link in self.links.values():
+                with trio.move_on_after(1):
+                    try:
+                        await link.send(message("end_job", job_id=self.job_id))
+                    except LinkClosed:
+                        pass
+        finally:
+            with trio.CancelScope(shield=True):
+                for link in self.links.values():
+                    await link.aclose()
+            self.links.clear()

@@ -93,6 +93,7 @@ class _StageJob:
     runner: StageRunner
     inbox: StageInbox
     driver_id: str
+    driver_link: Link   # the link the job was loaded over: everything for the driver goes here
     prev: list[_Neighbour]
     next: list[_Neighbour]
     replicas: list[_Neighbour]
@@ -103,6 +104,26 @@ class _StageJob:
     @staticmethod
     def route(neighbours: list[_Neighbour], mb: int) -> _Neighbour:
         return neighbours[mb % len(neighbours)]
+
+
+# Most gradient bytes in one "grads" frame (several micro-batches share a frame up to this;
+# a single micro-batch's gradients always go, alone if need be). Well under the frame cap.
+GRADS_FRAME_BYTES = 32 * 2**20
+
+
+def _batches_within(shared: dict[int, list[np.ndarray]], budget_bytes: int) -> list[list[int]]:
+    """The micro-batch indices of `shared`, ascending, in runs whose arrays total at most
+    `budget_bytes` (a run has at least one index)."""
+    runs: list[list[int]] = []
+    size = 0
+    for mb in sorted(shared):
+        nbytes = sum(a.nbytes for a in shared[mb])
+        if not runs or size + nbytes > budget_bytes:
+            runs.append([])
+            size = 0
+        runs[-1].append(mb)
+        size += nbytes
+    return runs
 
 
 class Peer:
@@ -126,8 +147,8 @@ class Peer:
 
     async def link_to(self, peer_id: str, address: str) -> Link:
         """The link to `peer_id`, opened (with its id pinned) if there is none yet or the
-        cached one can no longer send (e.g. a send of an ended job was cancelled mid-frame:
-        that stream is out of sync for good, though both peers are healthy)."""
+        cached one can no longer send (its stream broke, or a frame could not be finished in
+        time: that stream is out of sync for good, though the neighbour may be healthy)."""
         lock = self._connecting.setdefault(peer_id, trio.Lock())
         async with lock:
             link = self.links.get(peer_id)
@@ -152,14 +173,15 @@ class Peer:
                 except (ProtocolError, ScheduleError) as exc:
                     log.warning("closing link to %s: %s", peer_id[:12], exc)
                     break
+                except LinkClosed:   # a reply could not go out: this link is done, the peer is not
+                    break
         finally:
-            current = self.links.get(peer_id) is link   # not when link_to replaced it
-            if current:
+            if self.links.get(peer_id) is link:   # not when link_to replaced it
                 del self.links[peer_id]
             with trio.CancelScope(shield=True):
                 await link.aclose()
             for job in list(self.jobs.values()):
-                if current and job.driver_id == peer_id:
+                if job.driver_link is link:
                     self.drop_job(job.job_id, "the driver disconnected")
 
     # -- messages ------------------------------------------------------------------------
@@ -190,10 +212,12 @@ class Peer:
             job.inbox.add_backward(f["step"], f["mb"], self._checked(msg, job.runner.out_shape, job.runner.out_dtype, "backward"))
         elif kind == "grads":
             mbs, per_mb = f["mbs"], job.runner.param_leaf_count
-            if not mbs or not all(type(mb) is int for mb in mbs) or len(msg.arrays) != len(mbs) * per_mb:
+            if not mbs or not all(type(mb) is int and 0 <= mb < job.inbox.microbatches for mb in mbs) \
+                    or len(set(mbs)) != len(mbs) or len(msg.arrays) != len(mbs) * per_mb:
                 raise ProtocolError(f"grads: {len(msg.arrays)} arrays for micro-batches {mbs!r:.80}")
-            for i, mb in enumerate(mbs):
+            for mb in mbs:   # every sender checked before anything is taken in
                 self._expect_sender(job, link, job.route(job.replicas, mb).peer_id)
+            for i, mb in enumerate(mbs):
                 job.inbox.add_grads(f["step"], mb, list(msg.arrays[i * per_mb:(i + 1) * per_mb]))
         elif kind == "fetch_params":
             self._expect_sender(job, link, job.driver_id)
@@ -249,7 +273,7 @@ class Peer:
             return
         inbox = StageInbox(bundle.microbatches, bundle.is_last, capacity=self.config.max_inbox_items,
                            replica=f["replica"], replicas=len(replicas), step=f["step"])
-        job = _StageJob(job_id, f["stage"], runner, inbox, link.remote_peer_id, prev, nxt, replicas)
+        job = _StageJob(job_id, f["stage"], runner, inbox, link.remote_peer_id, link, prev, nxt, replicas)
         self.jobs[job_id] = job
         self.nursery.start_soon(self._run_job, job)
         log.info("serving stage %d of job %s", job.stage, job_id)
@@ -287,14 +311,12 @@ class Peer:
                 self.drop_job(job.job_id, "a neighbour is unreachable")
             except Exception as exc:  # noqa: BLE001 - a bad job must never take the peer down
                 log.exception("job %s failed", job.job_id)
-                link = self.links.get(job.driver_id)
-                if link is not None:
-                    with trio.move_on_after(self.config.leave_timeout_s):
-                        try:
-                            await link.send(message("job_error", job_id=job.job_id,
-                                                    reason=f"stage {job.stage}: {type(exc).__name__}: {exc}"))
-                        except LinkClosed:
-                            pass
+                with trio.move_on_after(self.config.leave_timeout_s):
+                    try:
+                        await job.driver_link.send(message("job_error", job_id=job.job_id,
+                                                           reason=f"stage {job.stage}: {type(exc).__name__}: {exc}"))
+                    except LinkClosed:
+                        pass
                 self.drop_job(job.job_id, f"failed: {exc}")
 
     async def _work(self, job: _StageJob) -> None:
@@ -311,19 +333,16 @@ class Peer:
         computation (compute runs in a thread; small frames overtake bulk ones on a link):
         a frame at least every `job_heartbeat_interval_s`. Any frame counts (the driver's
         detector hears them all), so a heartbeat goes only after that long without one.
-        Ends quietly if the driver's link is gone (the job is dropped when it closes)."""
-        interval_s = self.config.job_heartbeat_interval_s
+        Ends quietly if the driver's link is closed (the job is dropped then)."""
+        interval_s, link = self.config.job_heartbeat_interval_s, job.driver_link
         while True:
-            link = self.links.get(job.driver_id)
-            due_s = trio.current_time() + interval_s
-            if link is not None:
-                due_s = link.last_sent_s + interval_s
-                if trio.current_time() >= due_s:
-                    try:
-                        await link.send(message("heartbeat"))
-                    except LinkClosed:
-                        return
-                    due_s = trio.current_time() + interval_s
+            due_s = link.last_sent_s + interval_s
+            if trio.current_time() >= due_s:
+                try:
+                    await link.send(message("heartbeat"))
+                except LinkClosed:
+                    return
+                due_s = trio.current_time() + interval_s
             await trio.sleep_until(due_s)
 
     def _maybe_crash(self, phase: str, step: int, mb: int | None = None) -> None:
@@ -363,14 +382,14 @@ class Peer:
             if task.kind == "last":
                 loss, grad_in = await self._compute(lambda: runner.last(task.mb, task.x, task.y))
                 await self._modelled_compute(job, "last")
-                await (await self.link_to_driver(job)).send(message("loss", value=float(loss), **ids))
+                await job.driver_link.send(message("loss", value=float(loss), **ids))
             else:
                 grad_in = await self._compute(lambda: runner.backward(task.mb, task.grad))
                 await self._modelled_compute(job, "backward")
             if job.prev:
                 await self._send_to(job.route(job.prev, task.mb), message("backward", [grad_in], **ids))
             else:
-                await (await self.link_to_driver(job)).send(message("backward_done", **ids))
+                await job.driver_link.send(message("backward_done", **ids))
             job.own_done += 1
             if job.own_done == len(job.inbox.owned()):
                 await self._share_grads(job, task.step)
@@ -380,34 +399,27 @@ class Peer:
             await self._modelled_compute(job, "update")
             job.own_done = 0
             job.inbox.next_step()
-            await (await self.link_to_driver(job)).send(
+            await job.driver_link.send(
                 message("step_done", job_id=job.job_id, step=task.step))
 
     async def _share_grads(self, job: _StageJob, step: int) -> None:
         """Send this replica's micro-batch gradients to the stage's other replicas."""
         shared = job.runner.take_shared_grads()
-        if not shared:
-            return
-        for sibling in job.replicas:
-            if sibling.peer_id == self.transport.peer_id:
-                continue
-            await self._send_to(sibling, message("grads", [a for mb in sorted(shared) for a in shared[mb]],
-                                                 job_id=job.job_id, step=step, mbs=sorted(shared)))
+        for mbs in _batches_within(shared, GRADS_FRAME_BYTES):
+            frame = message("grads", [a for mb in mbs for a in shared[mb]], job_id=job.job_id, step=step, mbs=mbs)
+            for sibling in job.replicas:
+                if sibling.peer_id != self.transport.peer_id:
+                    await self._send_to(sibling, frame)
 
     async def _send_to(self, neighbour: _Neighbour, msg: Frame) -> None:
         """Send to a stage neighbour, once more over a fresh link if the cached one fails
-        (it may have been broken by an ended job or closed by the other side while idle).
+        (its stream may have broken, or the other side closed it while idle).
         Safe: the receiving inbox drops a duplicate. A second failure is the neighbour's."""
         try:
             await (await self.link_to(neighbour.peer_id, neighbour.address)).send(msg)
         except LinkClosed:
             await (await self.link_to(neighbour.peer_id, neighbour.address)).send(msg)
 
-    async def link_to_driver(self, job: _StageJob) -> Link:
-        link = self.links.get(job.driver_id)
-        if link is None:
-            raise LinkClosed("the driver's link is gone")
-        return link
 
 
 async def serve_peer(
