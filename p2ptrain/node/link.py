@@ -129,19 +129,23 @@ class Link:
                 raise LinkClosed(self._send_broken)
             await trio.lowlevel.checkpoint_if_cancelled()   # nothing written yet: a free cancel
             limit_s = FRAME_GRACE_S + size / SLOWEST_LINK_BYTES_PER_S
+            broken: Exception | None = None
             with trio.CancelScope(shield=True, deadline=trio.current_time() + limit_s) as finishing:
                 try:
                     for buffer in buffers:
                         await self._stream.send_all(buffer)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self._send_broken = f"link to {self.remote_peer_id} is broken: {exc or type(exc).__name__}"
-                    raise LinkClosed(self._send_broken) from exc
+                    broken = exc
                 except BaseException:
                     self._send_broken = f"link to {self.remote_peer_id} broke: a send failed mid-frame"
                     raise
-            if finishing.cancelled_caught:
-                self._send_broken = f"link to {self.remote_peer_id} broke: a frame was not out in {limit_s:.0f} s"
-                raise LinkClosed(self._send_broken)
+            if broken is not None or finishing.cancelled_caught:
+                self._send_broken = (
+                    f"link to {self.remote_peer_id} is broken: {broken or type(broken).__name__}" if broken is not None
+                    else f"link to {self.remote_peer_id} broke: a frame was not out in {limit_s:.0f} s")
+                # A sender cancelled meanwhile hears of its cancellation, not of the link.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                raise LinkClosed(self._send_broken) from broken
             self.last_sent_s = trio.current_time()
         finally:
             self._send_lock.release()

@@ -48,7 +48,8 @@ OPTIMIZER_LR = 1e-3
 
 def build_model(scenario: Scenario, seed: int):
     """(model, batches, params): Dense layers with relu between, and a fixed seeded
-    classification task (labels from a random linear map), deterministic per step."""
+    classification task (labels from a random linear map), deterministic per step. With
+    shape-only compute the params are zeros of the right shapes."""
     m = scenario.model
     layers: list = []
     for i, width in enumerate(m.widths):
@@ -64,8 +65,10 @@ def build_model(scenario: Scenario, seed: int):
         return x, np.argmax(x @ projection, axis=1).astype(np.int32)
 
     x_mb = batches(0)[0][: m.batch_size // m.microbatches]
-    params = model.init(jax.random.PRNGKey(seed), x_mb)
-    return model, batches, params
+    if m.compute == "shape_only":   # only shapes matter: trace the init, run nothing
+        shapes = jax.eval_shape(model.init, jax.random.PRNGKey(seed), x_mb)
+        return model, batches, jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), shapes)
+    return model, batches, model.init(jax.random.PRNGKey(seed), x_mb)
 
 
 def draw_peers(scenario: Scenario, rng: np.random.Generator):
