@@ -3,7 +3,8 @@
 `SimNetwork` holds the peers, links and listening addresses of one simulated network;
 `SimTransport(network, peer_id)` is one peer on it and implements `base.Transport`, so the
 same peer, bootstrap and driver code that runs over TCP+TLS runs here. Everything happens in
-trio's (virtual) time: run it under `trio.testing.MockClock` (see `p2ptrain.sim.determinism`).
+trio's (virtual) time: run it under a virtual clock (`p2ptrain.sim.determinism.VirtualClock`, or
+`trio.testing.MockClock` in tests).
 Addresses are any strings; one ending in ":0" gets the network's next free number.
 
 Model (the contract tests rely on):
