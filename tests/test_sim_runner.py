@@ -95,3 +95,16 @@ def test_shape_only_compute_takes_the_same_virtual_time_as_real_compute():
     assert real.steps >= 3 and timeline[0] == timeline[1]
     assert any(row[4] > 0 for row in real.rows if row[1] == "step")            # real losses
     assert all(row[4] == 0 for row in shape.rows if row[1] == "step")          # no arithmetic
+
+
+def test_a_partitioned_stage_is_suspected_within_seconds_not_when_it_heals():
+    """The driver's detector must end the epoch during a 30 s partition (nothing the driver
+    sends towards the cut-off stage may hold it up), and training resumes on the others."""
+    scenario = parse_scenario({**CALM, "hours": 100 / 3600, "swarm": {**CALM["swarm"], "peers": 4},
+                               "model": {**CALM["model"], "compute": "shape_only"},
+                               "faults": [{"at_s": 40.0, "kind": "partition_stage", "stage": 0, "duration_s": 30.0}]})
+    report = simulate(scenario, 1, baseline=False)
+    plans = [row[0] for row in report.rows if row[1] == "plan"]
+    assert len(plans) == 2 and 40.0 < plans[1] < 40.0 + 10.0, plans
+    assert report.failures == 1 and report.false_suspicions == 0
+    assert any(row[1] == "step" and 40.0 < row[0] < 70.0 for row in report.rows)   # trained meanwhile

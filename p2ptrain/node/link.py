@@ -38,15 +38,6 @@ READ_AHEAD_BYTES = 64 * 2**10
 # Bound on a graceful close (TLS close_notify) before the stream is closed forcefully.
 CLOSE_TIMEOUT_S = 2.0
 
-# A frame that has started goes out whole even if its sender is cancelled meanwhile (a peer
-# dropping an ended job): a frame cut off part-way leaves the stream out of sync for good
-# (trio's TLS stream then breaks both ways), which would cost two healthy peers their link
-# and whatever the other side had in flight on it. Bounded, so that a receiver that stopped
-# reading cannot hold a cancelled task: a frame not out within FRAME_GRACE_S plus its size
-# at SLOWEST_LINK_BYTES_PER_S breaks the link.
-FRAME_GRACE_S = 30.0
-SLOWEST_LINK_BYTES_PER_S = 16 * 2**10
-
 
 class LinkClosed(Exception):
     """The other side closed the link, or the stream under it broke."""
@@ -117,35 +108,24 @@ class Link:
         Frames from concurrent callers are sent whole, one after another: first the waiting
         small ones (under SMALL_FRAME_BYTES, e.g. heartbeats), then the waiting large ones,
         each class in arrival order. Frames sent by one task keep their order.
-        A cancellation before the frame starts going out cancels it; once it has started, the
-        frame is finished first (see FRAME_GRACE_S). A frame that cannot be finished in time
-        marks the link broken: this and later sends raise LinkClosed.
+        If a send is cancelled after it started writing, part of a frame may be on the wire,
+        so the link is marked broken: later sends raise LinkClosed (a peer then opens a
+        fresh link, see Peer.link_to).
         """
         buffers = encode_frame(frame, max_frame_bytes=self.max_frame_bytes)
-        size = sum(memoryview(b).nbytes for b in buffers)
-        await self._send_lock.acquire(urgent=size < SMALL_FRAME_BYTES)
+        await self._send_lock.acquire(urgent=sum(memoryview(b).nbytes for b in buffers) < SMALL_FRAME_BYTES)
         try:
             if self._send_broken is not None:
                 raise LinkClosed(self._send_broken)
-            await trio.lowlevel.checkpoint_if_cancelled()   # nothing written yet: a free cancel
-            limit_s = FRAME_GRACE_S + size / SLOWEST_LINK_BYTES_PER_S
-            broken: Exception | None = None
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + limit_s) as finishing:
-                try:
-                    for buffer in buffers:
-                        await self._stream.send_all(buffer)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    broken = exc
-                except BaseException:
-                    self._send_broken = f"link to {self.remote_peer_id} broke: a send failed mid-frame"
-                    raise
-            if broken is not None or finishing.cancelled_caught:
-                self._send_broken = (
-                    f"link to {self.remote_peer_id} is broken: {broken or type(broken).__name__}" if broken is not None
-                    else f"link to {self.remote_peer_id} broke: a frame was not out in {limit_s:.0f} s")
-                # A sender cancelled meanwhile hears of its cancellation, not of the link.
-                await trio.lowlevel.checkpoint_if_cancelled()
-                raise LinkClosed(self._send_broken) from broken
+            try:
+                for buffer in buffers:
+                    await self._stream.send_all(buffer)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._send_broken = f"link to {self.remote_peer_id} is broken: {exc or type(exc).__name__}"
+                raise LinkClosed(self._send_broken) from exc
+            except BaseException:
+                self._send_broken = f"link to {self.remote_peer_id} broke: a send was interrupted mid-frame"
+                raise
             self.last_sent_s = trio.current_time()
         finally:
             self._send_lock.release()

@@ -147,15 +147,15 @@ class Peer:
 
     async def link_to(self, peer_id: str, address: str) -> Link:
         """The link to `peer_id`, opened (with its id pinned) if there is none yet or the
-        cached one can no longer send (its stream broke, or a frame could not be finished in
-        time: that stream is out of sync for good, though the neighbour may be healthy)."""
+        cached one can no longer send: its stream broke, or a send of an ended job was cut
+        off mid-frame, which leaves it out of sync for sending for good although both peers
+        are healthy. Such a link is only forgotten here, not closed: the neighbour may still
+        be sending on it, and its receive loop keeps reading until the neighbour closes it."""
         lock = self._connecting.setdefault(peer_id, trio.Lock())
         async with lock:
             link = self.links.get(peer_id)
             if link is not None and not link.can_send:
                 del self.links[peer_id]
-                with trio.CancelScope(shield=True):
-                    await link.aclose()
                 link = None
             if link is None:
                 link = Link(await self.transport.connect(address, expected_peer_id=peer_id))
